@@ -1,0 +1,5 @@
+"""Mask R-CNN building blocks."""
+
+from maskrcnn.model.mask_rcnn import MaskRCNN
+
+__all__ = ["MaskRCNN"]

@@ -1,0 +1,45 @@
+"""Mask branch: four 3x3 convs, a 2x transposed conv and per-class mask logits."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+from torchvision.ops import Conv2dNormActivation
+
+
+class MaskHead(nn.Sequential):
+    """(R, C, 14, 14) RoI features → (R, 256, 14, 14); keys ``0.0.weight``… as torchvision."""
+
+    def __init__(self, in_channels: int, layers: tuple[int, ...] = (256, 256, 256, 256)) -> None:
+        blocks, prev = [], in_channels
+        for width in layers:
+            blocks.append(Conv2dNormActivation(prev, width, kernel_size=3, norm_layer=None))
+            prev = width
+        super().__init__(*blocks)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+
+class MaskPredictor(nn.Sequential):
+    """(R, C, 14, 14) → (R, num_masks, 28, 28) logits; num_masks is 1 for class-agnostic
+    masks, else the number of classes."""
+
+    def __init__(self, in_channels: int, dim: int, num_masks: int) -> None:
+        super().__init__(
+            OrderedDict(
+                [
+                    ("conv5_mask", nn.ConvTranspose2d(in_channels, dim, 2, 2, 0)),
+                    ("relu", nn.ReLU(inplace=True)),
+                    ("mask_fcn_logits", nn.Conv2d(dim, num_masks, 1, 1, 0)),
+                ]
+            )
+        )
+        for name, param in self.named_parameters():
+            if "weight" in name:
+                nn.init.kaiming_normal_(param, mode="fan_out", nonlinearity="relu")
+            elif "bias" in name:
+                nn.init.constant_(param, 0)

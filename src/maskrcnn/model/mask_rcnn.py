@@ -1,0 +1,97 @@
+"""The Mask R-CNN network: pre-processing, backbone + FPN, RPN, RoI heads, post-processing."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from maskrcnn.config import ModelConfig
+from maskrcnn.model.backbone import build_backbone
+from maskrcnn.model.postprocess import paste_masks
+from maskrcnn.model.preprocess import Preprocessor, scale_boxes
+from maskrcnn.model.roi_heads import RoIHeads
+from maskrcnn.model.rpn import RegionProposalNetwork
+from maskrcnn.model.validation import check_images, check_targets
+from maskrcnn.structures.image_batch import ImageBatch
+
+LOSS_WEIGHT_NAMES = {
+    "loss_classifier": "classifier",
+    "loss_box_reg": "box_reg",
+    "loss_mask": "mask",
+    "loss_objectness": "objectness",
+    "loss_rpn_box_reg": "rpn_box_reg",
+}
+
+
+class MaskRCNN(nn.Module):
+    """Mask R-CNN with torchvision's interface and state-dict layout.
+
+    Eval: ``model(images)`` with images a list of (3, H, W) float tensors in [0, 1] returns
+    per image a dict with ``boxes`` (N, 4) xyxy, ``labels`` (N,) int64, ``scores`` (N,),
+    ``masks`` (N, 1, H, W) float probabilities, in the input image's coordinates.
+
+    Train: ``model(images, targets)``, each target with ``boxes`` (N, 4) xyxy, ``labels`` (N,)
+    and ``masks`` (N, H, W) uint8, returns the losses ``loss_classifier``, ``loss_box_reg``,
+    ``loss_mask``, ``loss_objectness``, ``loss_rpn_box_reg``, each multiplied by its weight in
+    ``cfg.loss_weights`` — their sum is the objective.
+    """
+
+    def __init__(self, cfg: ModelConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or ModelConfig()
+        self.preprocess = Preprocessor(self.cfg)
+        self.backbone = build_backbone(self.cfg)
+        self.rpn = RegionProposalNetwork(self.cfg)
+        self.roi_heads = RoIHeads(self.cfg)
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> list[dict[str, Tensor]] | dict[str, Tensor]:
+        images = check_images(images)
+        if self.training:
+            if targets is None:
+                raise ValueError(
+                    "in training mode the model needs targets; call model.eval() for inference"
+                )
+            return self.losses(images, check_targets(images, targets, self.cfg.num_classes))
+        return self.predict(images)
+
+    def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        batch, resized = self.preprocess(images, targets, training=True)
+        assert resized is not None
+        features = self.backbone(batch.tensor)
+        gt_boxes = [t["boxes"] for t in resized]
+        proposals, losses = self.rpn(batch, list(features.values()), gt_boxes)
+        _, head_losses = self.roi_heads(features, proposals, batch.image_sizes, resized)
+        losses.update(head_losses)
+        weights = self.cfg.loss_weights
+        return {k: v * getattr(weights, LOSS_WEIGHT_NAMES[k]) for k, v in losses.items()}
+
+    def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        batch, _ = self.preprocess(images, None, training=False)
+        features = self.backbone(batch.tensor)
+        proposals, _ = self.rpn(batch, list(features.values()))
+        detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
+        return self.to_input_coordinates(detections, batch)
+
+    @staticmethod
+    def to_input_coordinates(
+        detections: list[dict[str, Tensor]], batch: ImageBatch
+    ) -> list[dict[str, Tensor]]:
+        """Scale boxes back to each input image and paste masks at its size."""
+        for det, size, original in zip(
+            detections, batch.image_sizes, batch.original_sizes, strict=True
+        ):
+            det["boxes"] = scale_boxes(det["boxes"], size, original)
+            det["masks"] = paste_masks(det["masks"], det["boxes"], original)
+        return detections
+
+    @torch.no_grad()
+    def infer(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Inference without gradients, whatever the module's mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.predict(check_images(images))
+        finally:
+            self.train(was_training)
