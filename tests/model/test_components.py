@@ -17,8 +17,11 @@ from maskrcnn.model.sampler import BalancedSampler
 def test_cell_anchors_by_hand() -> None:
     # size 32: ratio h/w = 0.5 → w = 32*sqrt(2) = 45.25, h = 22.63 → half-extents round(22.6, 11.3)
     a = cell_anchors(32, (0.5, 1.0, 2.0))
-    assert a.tolist() == [[-23.0, -11.0, 23.0, 11.0], [-16.0, -16.0, 16.0, 16.0],
-                          [-11.0, -23.0, 11.0, 23.0]]
+    assert a.tolist() == [
+        [-23.0, -11.0, 23.0, 11.0],
+        [-16.0, -16.0, 16.0, 16.0],
+        [-11.0, -23.0, 11.0, 23.0],
+    ]
 
 
 def test_anchor_grid_matches_torchvision() -> None:
@@ -39,8 +42,9 @@ def test_box_coder_round_trip_and_known_values() -> None:
     gt = torch.tensor([[1.0, 2, 13, 10], [0, 0, 20, 40]])
     deltas = coder.encode(gt, ref)
     # first box: centre moves (2, 1) on a 10-px box, width ×1.2, height ×0.8
-    torch.testing.assert_close(deltas[0], torch.tensor(
-        [10 * 0.2, 10 * 0.1, 5 * math.log(1.2), 5 * math.log(0.8)]))
+    torch.testing.assert_close(
+        deltas[0], torch.tensor([10 * 0.2, 10 * 0.1, 5 * math.log(1.2), 5 * math.log(0.8)])
+    )
     decoded = coder.decode(deltas, ref)
     assert decoded.shape == (2, 1, 4)
     torch.testing.assert_close(decoded[:, 0], gt)
@@ -54,8 +58,7 @@ def test_box_coder_clamps_huge_scales() -> None:
 
 
 def test_matcher_thresholds_and_low_quality_matches() -> None:
-    iou = torch.tensor([[0.9, 0.5, 0.2, 0.1],
-                        [0.1, 0.6, 0.25, 0.05]])
+    iou = torch.tensor([[0.9, 0.5, 0.2, 0.1], [0.1, 0.6, 0.25, 0.05]])
     strict = Matcher(0.7, 0.3)(iou)
     assert strict.tolist() == [0, -2, -1, -1]
     lenient = Matcher(0.7, 0.3, allow_low_quality_matches=True)(iou)

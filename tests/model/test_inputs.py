@@ -19,34 +19,45 @@ def model() -> MaskRCNN:
 def _target(**over: torch.Tensor) -> dict[str, torch.Tensor]:
     masks = torch.zeros(1, 64, 80, dtype=torch.uint8)
     masks[0, 10:30, 10:40] = 1
-    t = {"boxes": torch.tensor([[10.0, 10, 40, 30]]), "labels": torch.tensor([2]),
-         "masks": masks}
+    t = {"boxes": torch.tensor([[10.0, 10, 40, 30]]), "labels": torch.tensor([2]), "masks": masks}
     t.update(over)
     return t
 
 
-@pytest.mark.parametrize(("images", "message"), [
-    ([], "non-empty list"),
-    (torch.rand(2, 3, 64, 64), "single tensor"),
-    ([torch.rand(64, 64)], "image 0: expected shape"),
-    ([torch.rand(3, 64, 64), torch.rand(4, 64, 64)], "image 1: expected shape"),
-    ([torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)], "image 0: expected a float"),
-])
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        ([], "non-empty list"),
+        (torch.rand(2, 3, 64, 64), "single tensor"),
+        ([torch.rand(64, 64)], "image 0: expected shape"),
+        ([torch.rand(3, 64, 64), torch.rand(4, 64, 64)], "image 1: expected shape"),
+        ([torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)], "image 0: expected a float"),
+    ],
+)
 def test_bad_images(model: MaskRCNN, images: object, message: str) -> None:
     model.eval()
     with pytest.raises(ValueError, match=message):
         model(images)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("target", "message"), [
-    (_target(boxes=torch.tensor([10.0, 10, 40, 30])), r"target 1: boxes must have shape \(N, 4\)"),
-    (_target(boxes=torch.tensor([[40.0, 10, 10, 30]])), "target 1: box 0 .* degenerate"),
-    (_target(boxes=torch.tensor([[10.0, 30, 40, 30]])), "target 1: box 0 .* degenerate"),
-    (_target(masks=torch.zeros(1, 32, 80, dtype=torch.uint8)), r"target 1: masks must have shape"),
-    (_target(labels=torch.tensor([5])), r"target 1: labels must be in \[1, 4\]"),
-    (_target(labels=torch.tensor([0])), r"target 1: labels must be in \[1, 4\]"),
-    ({"boxes": torch.zeros(0, 4)}, "target 1: missing 'labels'"),
-])
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (
+            _target(boxes=torch.tensor([10.0, 10, 40, 30])),
+            r"target 1: boxes must have shape \(N, 4\)",
+        ),
+        (_target(boxes=torch.tensor([[40.0, 10, 10, 30]])), "target 1: box 0 .* degenerate"),
+        (_target(boxes=torch.tensor([[10.0, 30, 40, 30]])), "target 1: box 0 .* degenerate"),
+        (
+            _target(masks=torch.zeros(1, 32, 80, dtype=torch.uint8)),
+            r"target 1: masks must have shape",
+        ),
+        (_target(labels=torch.tensor([5])), r"target 1: labels must be in \[1, 4\]"),
+        (_target(labels=torch.tensor([0])), r"target 1: labels must be in \[1, 4\]"),
+        ({"boxes": torch.zeros(0, 4)}, "target 1: missing 'labels'"),
+    ],
+)
 def test_bad_targets(model: MaskRCNN, target: dict[str, torch.Tensor], message: str) -> None:
     model.train()
     images = [torch.rand(3, 64, 80), torch.rand(3, 64, 80)]
@@ -72,8 +83,11 @@ def test_loss_weights_scale_each_loss() -> None:
     losses = {}
     for weights in (LossWeights(), LossWeights(mask=3.0, objectness=0.5)):
         torch.manual_seed(0)
-        model = MaskRCNN(ModelConfig(backbone="resnet18", num_classes=5, min_size=128,
-                                     max_size=192, loss_weights=weights)).train()
+        model = MaskRCNN(
+            ModelConfig(
+                backbone="resnet18", num_classes=5, min_size=128, max_size=192, loss_weights=weights
+            )
+        ).train()
         torch.manual_seed(1)
         losses[weights.mask] = model(images, targets)
     plain, weighted = losses[1.0], losses[3.0]
@@ -84,8 +98,16 @@ def test_loss_weights_scale_each_loss() -> None:
 
 def test_class_agnostic_masks() -> None:
     torch.manual_seed(0)
-    model = MaskRCNN(ModelConfig(backbone="resnet18", num_classes=5, min_size=128, max_size=192,
-                                 class_agnostic_masks=True, box_score_thresh=0.0))
+    model = MaskRCNN(
+        ModelConfig(
+            backbone="resnet18",
+            num_classes=5,
+            min_size=128,
+            max_size=192,
+            class_agnostic_masks=True,
+            box_score_thresh=0.0,
+        )
+    )
     assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 1
     model.train()
     assert model([torch.rand(3, 64, 80)], [_target()])["loss_mask"] > 0

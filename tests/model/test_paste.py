@@ -15,9 +15,11 @@ def _random_case(n: int, h: int, w: int, seed: int) -> tuple[torch.Tensor, torch
     g = torch.Generator().manual_seed(seed)
     masks = torch.rand(n, 1, 28, 28, generator=g)
     xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 1.0, h * 1.0]) - torch.tensor(
-        [w * 0.1, h * 0.1])  # some boxes start left of or above the image
+        [w * 0.1, h * 0.1]
+    )  # some boxes start left of or above the image
     wh = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.5, h * 0.5]) + torch.tensor(
-        [w * 0.15, h * 0.15])  # every box overlaps the image (torchvision fails otherwise)
+        [w * 0.15, h * 0.15]
+    )  # every box overlaps the image (torchvision fails otherwise)
     return masks, torch.cat([xy, xy + wh], dim=1)
 
 
@@ -62,7 +64,8 @@ print((after - before) * 1024, out.numel() * out.element_size())
 
 def test_paste_memory_is_bounded_by_the_output() -> None:
     # A fresh process, so that the peak resident size measures this paste alone.
-    res = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True,
-                         check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, check=True
+    )
     growth, output_bytes = map(int, res.stdout.split())
     assert growth < 1.2 * output_bytes, (growth, output_bytes)

@@ -1,0 +1,305 @@
+"""``check_dataset``: every problem of a COCO dataset at once, as a report a user can act on."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pycocotools import mask as mask_utils
+
+from maskrcnn.data.coco import (
+    build_label_map,
+    iter_structure_problems,
+    load_coco_json,
+    segmentation_to_rle,
+)
+from maskrcnn.data.errors import DatasetError
+from maskrcnn.data.image_io import index_by_basename, read_image_size, swapped_hint
+
+Severity = Literal["error", "warning"]
+# Annotation tools round coordinates, so a polygon or box may overshoot the border a little.
+_BORDER_TOLERANCE = 1.0
+# Below this IoU between the bbox and the mask's extent, the two describe different objects.
+_MIN_BOX_MASK_IOU = 0.5
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: ``severity`` error (loading or evaluation would fail or be wrong) or
+    warning (works, but the data is probably not what was meant)."""
+
+    severity: Severity
+    code: str
+    message: str
+    image_id: int | None = None
+    ann_id: int | None = None
+    file: str | None = None
+
+
+@dataclass(frozen=True)
+class ClassCount:
+    """How often one category occurs: annotations and distinct images.
+
+    ``label`` and ``name`` are what ``CocoDataset`` uses (``label_to_cat_id``, ``class_names``).
+    """
+
+    label: int
+    cat_id: int
+    name: str
+    instances: int
+    images: int
+
+
+@dataclass
+class CheckReport:
+    """The result of ``check_dataset``: findings plus dataset statistics."""
+
+    ann_file: Path
+    image_root: Path
+    findings: list[Finding] = field(default_factory=list)
+    num_images: int = 0
+    num_annotations: int = 0
+    num_empty_images: int = 0
+    class_counts: list[ClassCount] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        """True when there is no error (warnings allowed)."""
+        return not self.errors
+
+    def summary_table(self, examples: int = 2) -> str:
+        """A plain-text report: totals, findings grouped by code with a few examples each,
+        per-class counts and a one-line verdict."""
+        lines = [
+            f"annotations: {self.ann_file}",
+            f"image root:  {self.image_root}",
+            f"{self.num_images} images ({self.num_empty_images} without annotations), "
+            f"{self.num_annotations} annotations, {len(self.class_counts)} categories",
+            "",
+        ]
+        groups = Counter((f.severity, f.code) for f in self.findings)
+        if groups:
+            lines.append(f"{'severity':<9} {'code':<26} {'count':>6}  first examples")
+        for (severity, code), count in sorted(groups.items()):
+            shown = [f for f in self.findings if f.code == code][:examples]
+            lines.append(f"{severity:<9} {code:<26} {count:>6}  {shown[0].message}")
+            lines.extend(f"{'':<45}{f.message}" for f in shown[1:])
+        header = f"{'label':>5} {'cat id':>6}  {'class name':<32} {'instances':>9} {'images':>6}"
+        lines += ["", header]
+        lines += [
+            f"{c.label:>5} {c.cat_id:>6}  {c.name:<32} {c.instances:>9} {c.images:>6}"
+            for c in self.class_counts
+        ]
+        verdict = "OK" if self.ok else "FAILED"
+        lines.append(f"\n{verdict}: {len(self.errors)} errors, {len(self.warnings)} warnings")
+        return "\n".join(lines)
+
+
+def _escapes_root(file_name: str) -> bool:
+    parts = re.split(r"[\\/]", file_name)
+    return file_name.startswith(("/", "\\")) or bool(re.match(r"^[A-Za-z]:", file_name)) or (
+        ".." in parts
+    )
+
+
+def _category_findings(data: dict[str, Any]) -> Iterator[Finding]:
+    by_name: dict[str, list[int]] = {}
+    for cat in data["categories"]:
+        by_name.setdefault(str(cat["name"]), []).append(cat["id"])
+    for name, ids in by_name.items():
+        if len(ids) > 1:
+            suffixed = ", ".join(f"'{name}#{i}'" for i in sorted(ids))
+            yield Finding("warning", "duplicate_category_name",
+                          f"category ids {sorted(ids)} are all named '{name}'; "
+                          f"their labels are named {suffixed}")
+    used = {ann["category_id"] for ann in data.get("annotations", [])}
+    for cat in data["categories"]:
+        if cat["id"] not in used:
+            yield Finding("warning", "unused_category",
+                          f"category id {cat['id']} '{cat['name']}' has no annotations")
+
+
+def _missing_image_finding(img: dict[str, Any], root: Path, found: list[Path]) -> Finding:
+    if len(found) == 1:
+        message = (f"image id {img['id']}: '{img['file_name']}' not found; found at "
+                   f"{found[0].relative_to(root)}; use search_subfolders=True "
+                   "(CLI: --search-subfolders)")
+    elif found:
+        where = ", ".join(str(p.relative_to(root)) for p in found[:3])
+        message = (f"image id {img['id']}: '{img['file_name']}' not found; several files share "
+                   f"its basename ({where}); fix file_name")
+    else:
+        message = f"image id {img['id']}: '{img['file_name']}' not found under {root}"
+    return Finding("error", "missing_image", message, img["id"], file=img["file_name"])
+
+
+def _size_finding(img: dict[str, Any], path: Path) -> Finding | None:
+    try:
+        height, width = read_image_size(path)
+    except DatasetError as e:
+        return Finding("error", "unreadable_image", f"image id {img['id']}: {e}", img["id"],
+                       file=img["file_name"])
+    if (height, width) == (img["height"], img["width"]):
+        return None
+    return Finding("error", "size_mismatch",
+                   f"image id {img['id']}: file is {height}x{width} (HxW, after EXIF rotation) "
+                   f"but the JSON says {img['height']}x{img['width']}"
+                   f"{swapped_hint((height, width), (img['height'], img['width']))}",
+                   img["id"], file=img["file_name"])
+
+
+def _image_findings(
+    images: list[dict[str, Any]], root: Path, search_subfolders: bool
+) -> Iterator[Finding]:
+    for img in images:
+        if _escapes_root(img["file_name"]):
+            yield Finding("warning", "path_outside_root",
+                          f"image id {img['id']}: file_name '{img['file_name']}' is absolute or "
+                          "leaves the image root; the dataset will not be relocatable",
+                          img["id"], file=img["file_name"])
+    index: dict[str, list[Path]] | None = None
+    readable: list[tuple[dict[str, Any], Path]] = []
+    for img in images:
+        path = root / img["file_name"]
+        if not path.is_file():
+            # Walked at most once, and only when some image is missing.
+            index = index if index is not None else index_by_basename(root)
+            found = index.get(Path(img["file_name"]).name, [])
+            if not (search_subfolders and len(found) == 1):
+                yield _missing_image_finding(img, root, found)
+                continue
+            path = found[0]
+        readable.append((img, path))
+    # Header reads are I/O-bound; threads overlap them on slow or network disks.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = pool.map(lambda item: _size_finding(*item), readable)
+        yield from (f for f in results if f is not None)
+
+
+def _box_findings(ann: dict[str, Any], height: int, width: int) -> Iterator[Finding]:
+    x, y, w, h = ann["bbox"]
+    ids = f"annotation id {ann['id']} (image id {ann['image_id']})"
+    if w <= 0 or h <= 0:
+        yield Finding("warning", "degenerate_box", f"{ids}: bbox {ann['bbox']} has no area; "
+                      "the dataset drops this instance", ann["image_id"], ann["id"])
+    elif x < -_BORDER_TOLERANCE or y < -_BORDER_TOLERANCE or (
+        x + w > width + _BORDER_TOLERANCE or y + h > height + _BORDER_TOLERANCE
+    ):
+        yield Finding("warning", "box_outside_image", f"{ids}: bbox {ann['bbox']} extends "
+                      f"beyond the {width}x{height} (WxH) image", ann["image_id"], ann["id"])
+
+
+def _polygon_findings(ann: dict[str, Any], height: int, width: int) -> Iterator[Finding]:
+    ids = f"annotation id {ann['id']} (image id {ann['image_id']})"
+    for k, part in enumerate(ann["segmentation"]):
+        xs, ys = part[0::2], part[1::2]
+        # Shoelace formula: twice the signed area.
+        doubled = sum(xs[i - 1] * ys[i] - xs[i] * ys[i - 1] for i in range(len(xs)))
+        if abs(doubled) < 1e-6:
+            yield Finding("warning", "degenerate_polygon", f"{ids}: polygon {k} has zero area",
+                          ann["image_id"], ann["id"])
+        if min(xs) < -_BORDER_TOLERANCE or min(ys) < -_BORDER_TOLERANCE or (
+            max(xs) > width + _BORDER_TOLERANCE or max(ys) > height + _BORDER_TOLERANCE
+        ):
+            yield Finding("warning", "polygon_outside_image", f"{ids}: polygon {k} has points "
+                          f"outside the {width}x{height} (WxH) image", ann["image_id"], ann["id"])
+
+
+def _iou_xywh(a: list[float], b: list[float]) -> float:
+    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    union = a[2] * a[3] + b[2] * b[3] - ix * iy
+    return ix * iy / union if union > 0 else 0.0
+
+
+def _mask_findings(ann: dict[str, Any], height: int, width: int) -> Iterator[Finding]:
+    ids = f"annotation id {ann['id']} (image id {ann['image_id']})"
+    rle = segmentation_to_rle(ann["segmentation"], height, width)
+    if mask_utils.area(rle) == 0:
+        yield Finding("warning", "empty_mask", f"{ids}: the mask covers no pixel",
+                      ann["image_id"], ann["id"])
+        return
+    bbox = ann.get("bbox")
+    if bbox and bbox[2] > 0 and bbox[3] > 0:
+        iou = _iou_xywh(bbox, [float(v) for v in mask_utils.toBbox(rle)])
+        if iou < _MIN_BOX_MASK_IOU:
+            yield Finding("warning", "bbox_mask_mismatch", f"{ids}: bbox {bbox} and the mask's "
+                          f"extent overlap with IoU {iou:.2f}", ann["image_id"], ann["id"])
+
+
+def _annotation_findings(data: dict[str, Any]) -> Iterator[Finding]:
+    images = {img["id"]: img for img in data["images"]}
+    for ann in data.get("annotations", []):
+        img = images[ann["image_id"]]
+        height, width = img["height"], img["width"]
+        if ann.get("bbox") is not None:
+            yield from _box_findings(ann, height, width)
+        if isinstance(ann["segmentation"], list):
+            yield from _polygon_findings(ann, height, width)
+        yield from _mask_findings(ann, height, width)
+
+
+def _class_counts(data: dict[str, Any]) -> list[ClassCount]:
+    annotations = data.get("annotations", [])
+    instances = Counter(ann["category_id"] for ann in annotations)
+    image_sets: dict[int, set[int]] = {}
+    for ann in annotations:
+        image_sets.setdefault(ann["category_id"], set()).add(ann["image_id"])
+    label_to_cat_id, class_names = build_label_map(data["categories"])
+    return [
+        ClassCount(label, cat_id, class_names[label], instances[cat_id],
+                   len(image_sets.get(cat_id, ())))
+        for label, cat_id in label_to_cat_id.items()
+    ]
+
+
+def check_dataset(
+    ann_file: str | Path, image_root: str | Path | None = None, search_subfolders: bool = False
+) -> CheckReport:
+    """Checks a COCO instance-segmentation dataset without decoding any image.
+
+    ``image_root`` defaults to the JSON's folder. Structural problems (what makes
+    ``CocoDataset`` refuse to load) come first; the image and geometry checks run only when
+    the structure is sound. With ``search_subfolders``, images found by basename elsewhere
+    under the root (as ``CocoDataset(search_subfolders=True)`` finds them) are not errors.
+    """
+    ann_file = Path(ann_file)
+    root = Path(image_root) if image_root is not None else ann_file.parent
+    report = CheckReport(ann_file, root)
+    try:
+        data = load_coco_json(ann_file)
+    except DatasetError as e:
+        report.findings.append(Finding("error", "invalid_json", str(e), file=str(ann_file)))
+        return report
+    problems = list(iter_structure_problems(data))
+    report.findings += [
+        Finding("error", p.code, p.message, p.image_id, p.ann_id) for p in problems
+    ]
+    # A defect not tied to one annotation (top level, images, categories) leaves nothing to
+    # check safely; a defective annotation is only left out of the later checks.
+    if any(p.ann_id is None for p in problems):
+        return report
+    bad = {p.ann_id for p in problems}
+    annotations = data.get("annotations", [])
+    report.num_images, report.num_annotations = len(data["images"]), len(annotations)
+    data = {**data, "annotations": [a for a in annotations if a["id"] not in bad]}
+    report.num_empty_images = len({i["id"] for i in data["images"]}
+                                  - {a["image_id"] for a in data["annotations"]})
+    report.class_counts = _class_counts(data)
+    report.findings += _category_findings(data)
+    report.findings += _image_findings(data["images"], root, search_subfolders)
+    report.findings += _annotation_findings(data)
+    return report

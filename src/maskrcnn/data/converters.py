@@ -1,0 +1,283 @@
+"""Converters to COCO JSON from LabelMe folders, YOLO segmentation labels and mask PNGs.
+
+Every converter writes a COCO instance-segmentation JSON whose ``file_name`` entries are
+relative to the image folder it reads (pass that folder as ``image_root``), and returns the
+path of the JSON it wrote. Category ids start at 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from maskrcnn.data.errors import DatasetError
+from maskrcnn.data.image_io import read_image_size
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+_CIRCLE_POINTS = 32  # LabelMe circles become regular 32-gons
+_NON_REGION_SHAPES = frozenset({"line", "linestrip", "point", "points"})
+
+
+def _polygon_annotation(polygons: list[list[float]], height: int, width: int) -> dict[str, Any]:
+    """COCO fields for one instance made of polygons (flat ``[x1, y1, ...]``, pixels)."""
+    xs = [v for p in polygons for v in p[0::2]]
+    ys = [v for p in polygons for v in p[1::2]]
+    x0, y0 = max(0.0, min(xs)), max(0.0, min(ys))
+    x1, y1 = min(float(width), max(xs)), min(float(height), max(ys))
+    rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    return {
+        "segmentation": polygons,
+        "area": float(mask_utils.area(rle)),
+        "bbox": [x0, y0, max(0.0, x1 - x0), max(0.0, y1 - y0)],
+        "iscrowd": 0,
+    }
+
+
+def _mask_annotation(mask: np.ndarray) -> dict[str, Any]:
+    """COCO fields for one instance given as an ``(H, W)`` bool mask; stored as compressed RLE."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {
+        "segmentation": {"size": [int(v) for v in rle["size"]],
+                         "counts": rle["counts"].decode("ascii")},
+        "area": float(mask_utils.area(rle)),
+        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+        "iscrowd": 0,
+    }
+
+
+def _write_coco(
+    out_json: str | Path,
+    images: list[dict[str, Any]],
+    instances: list[tuple[int, int, dict[str, Any]]],
+    names: list[str],
+) -> Path:
+    """Writes images, ``(image_id, category_id, fields)`` instances and categories ``1..K``."""
+    annotations = [
+        {"id": k, "image_id": image_id, "category_id": cat_id, **fields}
+        for k, (image_id, cat_id, fields) in enumerate(instances, start=1)
+    ]
+    categories = [{"id": k, "name": n, "supercategory": ""} for k, n in enumerate(names, 1)]
+    out = Path(out_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    coco = {"images": images, "annotations": annotations, "categories": categories}
+    out.write_text(json.dumps(coco))
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read JSON ({e})") from e
+
+
+def _labelme_polygon(shape: dict[str, Any], where: str) -> list[float] | None:
+    """The flat polygon of one LabelMe shape, or None for shapes that enclose no region."""
+    kind = shape.get("shape_type") or "polygon"
+    points = shape.get("points")
+    if kind in _NON_REGION_SHAPES:
+        return None
+    if not isinstance(points, list) or not all(len(p) == 2 for p in points):
+        raise DatasetError(f"{where}: 'points' must be a list of [x, y]")
+    if kind == "rectangle" and len(points) == 2:
+        (xa, ya), (xb, yb) = points
+        x0, x1, y0, y1 = min(xa, xb), max(xa, xb), min(ya, yb), max(ya, yb)
+        return [x0, y0, x1, y0, x1, y1, x0, y1]
+    if kind == "circle" and len(points) == 2:
+        (cx, cy), (ex, ey) = points
+        r = math.hypot(ex - cx, ey - cy)
+        angles = [2 * math.pi * k / _CIRCLE_POINTS for k in range(_CIRCLE_POINTS)]
+        return [v for a in angles for v in (cx + r * math.cos(a), cy + r * math.sin(a))]
+    if kind == "polygon" and len(points) >= 3:
+        return [float(v) for p in points for v in p]
+    raise DatasetError(f"{where}: cannot convert a '{kind}' shape with {len(points)} points")
+
+
+def _labelme_image(path: Path, folder: Path, record: dict[str, Any]) -> dict[str, Any]:
+    image_path = record.get("imagePath")
+    if not isinstance(image_path, str) or not image_path:
+        raise DatasetError(f"{path}: no 'imagePath'")
+    # LabelMe stores imagePath relative to its JSON, which sits in ``folder``.
+    file_name = image_path.replace("\\", "/")
+    height, width = record.get("imageHeight"), record.get("imageWidth")
+    if not (isinstance(height, int) and isinstance(width, int)):
+        height, width = read_image_size(folder / file_name)
+    return {"file_name": file_name, "height": height, "width": width}
+
+
+def _labelme_instances(path: Path, record: dict[str, Any]) -> dict[Any, tuple[str, list[Any]]]:
+    """Groups a file's region shapes into instances: ``key -> (label, polygons)``.
+
+    Shapes with the same label and ``group_id`` form one instance (LabelMe's convention for
+    objects split in several parts); a shape without ``group_id`` is an instance of its own.
+    """
+    instances: dict[Any, tuple[str, list[Any]]] = {}
+    skipped = 0
+    for k, shape in enumerate(record["shapes"]):
+        polygon = _labelme_polygon(shape, f"{path}: shape {k}")
+        if polygon is None:
+            skipped += 1
+            continue
+        label = str(shape.get("label", ""))
+        group = shape.get("group_id")
+        key = (label, group) if group is not None else k
+        instances.setdefault(key, (label, []))[1].append(polygon)
+    if skipped:
+        warnings.warn(f"{path}: skipped {skipped} line/point shapes (no area)", stacklevel=3)
+    return instances
+
+
+def labelme_to_coco(folder: str | Path, out_json: str | Path) -> Path:
+    """Converts a folder of LabelMe ``*.json`` files (not recursive) to one COCO JSON.
+
+    Polygons, rectangles and circles (as 32-gons) become polygon instances; lines and points
+    are skipped with a warning. Categories are the labels, sorted by name, ids ``1..K``.
+    ``file_name`` is relative to ``folder``.
+    """
+    folder = Path(folder).resolve()
+    out = Path(out_json).resolve()
+    files = sorted(p for p in folder.glob("*.json") if p.resolve() != out)
+    records: list[tuple[dict[str, Any], dict[Any, tuple[str, list[Any]]]]] = []
+    for path in files:
+        record = _read_json(path)
+        if not isinstance(record, dict) or not isinstance(record.get("shapes"), list):
+            raise DatasetError(f"{path}: not a LabelMe file (no 'shapes' list)")
+        records.append((_labelme_image(path, folder, record), _labelme_instances(path, record)))
+    names = sorted({label for _, insts in records for label, _ in insts.values()})
+    cat_ids = {name: k for k, name in enumerate(names, start=1)}
+    images, instances = [], []
+    for image_id, (image, insts) in enumerate(records, start=1):
+        images.append({"id": image_id, **image})
+        for label, polygons in insts.values():
+            fields = _polygon_annotation(polygons, image["height"], image["width"])
+            instances.append((image_id, cat_ids[label], fields))
+    return _write_coco(out_json, images, instances, names)
+
+
+def _yolo_names(root: Path) -> list[str] | None:
+    """Class names from ``root/data.yaml`` (``names:`` list or dict) or ``root/classes.txt``."""
+    if (root / "data.yaml").is_file():
+        try:
+            names = yaml.safe_load((root / "data.yaml").read_text(encoding="utf-8"))["names"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+            raise DatasetError(f"{root / 'data.yaml'}: cannot read 'names' ({e})") from e
+        if isinstance(names, dict):
+            return [str(names[k]) for k in sorted(names)]
+        return [str(n) for n in names]
+    if (root / "classes.txt").is_file():
+        lines = (root / "classes.txt").read_text(encoding="utf-8").splitlines()
+        return [line.strip() for line in lines if line.strip()]
+    return None
+
+
+def _yolo_line(line: str, where: str, height: int, width: int) -> tuple[int, list[float]]:
+    """``(class index, polygon in pixels)`` from one label line; a 4-number line is a box."""
+    tokens = line.split()
+    try:
+        cls, coords = int(tokens[0]), [float(v) for v in tokens[1:]]
+    except ValueError as e:
+        raise DatasetError(f"{where}: not 'class x1 y1 x2 y2 ...' ({e})") from e
+    if cls < 0:
+        raise DatasetError(f"{where}: negative class index {cls}")
+    if len(coords) == 4:  # detection-style line: cx cy w h
+        cx, cy, w, h = coords
+        coords = [cx - w / 2, cy - h / 2, cx + w / 2, cy - h / 2,
+                  cx + w / 2, cy + h / 2, cx - w / 2, cy + h / 2]
+    if len(coords) < 6 or len(coords) % 2:
+        raise DatasetError(f"{where}: a polygon needs an even number (>= 6) of coordinates, "
+                           f"got {len(coords)}")
+    return cls, [v * (width if k % 2 == 0 else height) for k, v in enumerate(coords)]
+
+
+def yolo_seg_to_coco(
+    root: str | Path, out_json: str | Path, class_names: list[str] | None = None
+) -> Path:
+    """Converts an Ultralytics-style segmentation dataset to COCO JSON.
+
+    ``root/images/**/NAME.ext`` pairs with ``root/labels/**/NAME.txt`` holding one instance a
+    line: ``class x1 y1 x2 y2 ...`` normalised to [0, 1]. An image without a label file has no
+    instances. Names come from ``class_names``, else ``root/data.yaml``, else
+    ``root/classes.txt``, else ``class_<i>``. YOLO class ``i`` becomes COCO category ``i + 1``.
+    ``file_name`` is relative to ``root/images``.
+    """
+    root = Path(root)
+    images_dir, labels_dir = root / "images", root / "labels"
+    if not images_dir.is_dir():
+        raise DatasetError(f"{images_dir}: no images folder")
+    names = class_names if class_names is not None else _yolo_names(root)
+    paths = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    images, instances = [], []
+    for image_id, path in enumerate(paths, start=1):
+        height, width = read_image_size(path)
+        rel = path.relative_to(images_dir)
+        images.append({"id": image_id, "file_name": rel.as_posix(), "height": height,
+                       "width": width})
+        label_file = (labels_dir / rel).with_suffix(".txt")
+        lines = label_file.read_text().splitlines() if label_file.is_file() else []
+        for n, line in enumerate(lines, start=1):
+            if line.strip():
+                cls, polygon = _yolo_line(line, f"{label_file}:{n}", height, width)
+                if names is not None and cls >= len(names):
+                    raise DatasetError(f"{label_file}:{n}: class {cls} but only "
+                                       f"{len(names)} names")
+                instances.append((image_id, cls + 1, _polygon_annotation([polygon], height,
+                                                                          width)))
+    if names is None:
+        names = [f"class_{i}" for i in range(max((c for _, c, _ in instances), default=0))]
+    return _write_coco(out_json, images, instances, list(names))
+
+
+def _read_instance_ids(path: Path) -> np.ndarray:
+    """An instance-id PNG as an ``(H, W)`` int array; colour PNGs get one id per colour."""
+    try:
+        with Image.open(path) as img:
+            # Palette images keep their indices: converting would turn ids into colours.
+            array = np.array(img.convert("RGB") if img.mode in ("RGBA", "LA") else img)
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read mask ({e})") from e
+    if array.ndim == 3:
+        rgb = array[..., :3].astype(np.int64)
+        return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    return array.astype(np.int64)
+
+
+def mask_pngs_to_coco(
+    images_dir: str | Path,
+    masks_dir: str | Path,
+    out_json: str | Path,
+    category_name: str = "object",
+) -> Path:
+    """Converts per-image instance masks (Penn-Fudan ``PedMasks`` style) to COCO JSON.
+
+    Each image ``NAME.ext`` in ``images_dir`` pairs with ``masks_dir/NAME.png`` or
+    ``masks_dir/NAME_mask.png``, same size, where 0 is background and every other value is
+    one instance (all of category ``category_name``, id 1), stored as compressed RLE.
+    ``file_name`` is relative to ``images_dir``.
+    """
+    images_dir, masks_dir = Path(images_dir), Path(masks_dir)
+    masks = {p.stem: p for p in masks_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
+    paths = sorted(p for p in images_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    images, instances = [], []
+    for image_id, path in enumerate(paths, start=1):
+        mask_path = masks.get(path.stem) or masks.get(f"{path.stem}_mask")
+        if mask_path is None:
+            raise DatasetError(f"{path}: no mask {path.stem}.png or {path.stem}_mask.png "
+                               f"in {masks_dir}")
+        height, width = read_image_size(path)
+        ids = _read_instance_ids(mask_path)
+        if ids.shape != (height, width):
+            raise DatasetError(f"{mask_path}: mask is {ids.shape[0]}x{ids.shape[1]} (HxW) but "
+                               f"the image {path.name} is {height}x{width}")
+        images.append({"id": image_id, "file_name": path.name, "height": height, "width": width})
+        for value in np.unique(ids):
+            if value != 0:
+                instances.append((image_id, 1, _mask_annotation(ids == value)))
+    return _write_coco(out_json, images, instances, [category_name])

@@ -1,0 +1,117 @@
+"""Finding and reading image files: uint8 RGB tensors, or just their sizes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from maskrcnn.data.errors import DatasetError
+
+# EXIF orientations 5-8 rotate by 90 or 270 degrees, so the displayed image has width and
+# height swapped with respect to the stored pixel array.
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise DatasetError(f"{path}: image file not found")
+    if not path.is_file():
+        raise DatasetError(f"{path}: not a regular file")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"{path}: image file is empty (0 bytes)")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Converts any PIL mode to 8-bit RGB.
+
+    16-bit and 32-bit integer grey images keep their top 8 bits (65535 -> 255) instead of
+    being clipped, which is what PIL's own ``convert`` would do. Alpha is dropped, as
+    torchvision's ``read_image(..., ImageReadMode.RGB)`` does.
+    """
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        grey = np.asarray(img).astype(np.int64)
+        grey8 = (np.clip(grey, 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(grey8).convert("RGB")
+    if img.mode == "F":
+        grey8 = np.clip(np.asarray(img), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey8).convert("RGB")
+    if img.mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Reads an image file as RGB.
+
+    EXIF orientation is applied, so the result is upright as an image viewer shows it.
+    Grayscale, RGBA, palette, CMYK and 16-bit images are converted to 8-bit RGB.
+
+    Returns:
+        ``(3, H, W)`` uint8 tensor, contiguous.
+
+    Raises:
+        DatasetError: naming the path, for a missing, empty, truncated or non-image file.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        with Image.open(path) as img:
+            # load() inside the try: a truncated file opens fine and fails only on decoding.
+            img.load()
+            array = np.array(_to_rgb(ImageOps.exif_transpose(img)), dtype=np.uint8)
+    except UnidentifiedImageError as e:
+        raise DatasetError(f"{path}: not an image file PIL can read") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot decode image ({e})") from e
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """Reads an image's ``(height, width)`` from its header, after EXIF orientation.
+
+    Only the header is parsed, no pixel data is decoded, so this is cheap even for large
+    images. A truncated pixel stream is therefore *not* detected here; ``read_image`` does.
+
+    Raises:
+        DatasetError: naming the path, for a missing, empty or non-image file.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    except UnidentifiedImageError as e:
+        raise DatasetError(f"{path}: not an image file PIL can read") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot read image header ({e})") from e
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+        return width, height
+    return height, width
+
+
+def swapped_hint(file_size: tuple[int, int], json_size: tuple[int, int]) -> str:
+    """An explanation to append to a size-mismatch message when height and width are swapped.
+
+    The usual cause is an EXIF orientation tag: ``read_image`` applies it, but some annotation
+    tools annotate the stored, unrotated pixels.
+    """
+    if file_size[0] != file_size[1] and file_size == json_size[::-1]:
+        return ("; height and width are swapped: the file's EXIF orientation (applied when "
+                "reading) may differ from what the annotation tool used")
+    return ""
+
+
+def index_by_basename(root: Path) -> dict[str, list[Path]]:
+    """Every file under ``root`` (recursively), keyed by its basename; paths sorted."""
+    index: dict[str, list[Path]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            index.setdefault(name, []).append(Path(dirpath) / name)
+    return index

@@ -1,0 +1,101 @@
+"""The training sample stream: reproducible per sample, resumable mid-epoch, and tolerant of
+bad samples when asked.
+
+Each sample's augmentation draws from a generator seeded by (run seed, epoch, index), so a
+run's data do not depend on the number of workers, and a resumed run sees exactly the
+samples, in the same order and with the same augmentation, that the interrupted one would
+have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from maskrcnn.data.errors import DatasetError
+from maskrcnn.data.loader import collate
+
+Key = tuple[int, int]  # (epoch, dataset index)
+
+
+@dataclass
+class BadSample:
+    """A sample that could not be read, kept in the batch so that it can be reported."""
+
+    index: int
+    message: str
+
+
+class SeededDataset(Dataset[Any]):
+    """``dataset[(epoch, i)]`` is ``dataset[i]`` with torch's RNG seeded per sample. With
+    ``skip_bad`` a sample that raises :class:`DatasetError` becomes a :class:`BadSample`."""
+
+    def __init__(self, dataset: Dataset[Any], seed: int, skip_bad: bool) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Key) -> Any:
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + index) % 2**63)
+            try:
+                return self.dataset[index]
+            except DatasetError as err:
+                if not self.skip_bad:
+                    raise
+                return BadSample(index, str(err))
+
+
+class EpochBatchSampler(Sampler[list[Key]]):
+    """Wraps a batch sampler whose order depends on ``set_epoch``; yields ``(epoch, i)``
+    keys and can start ``skip`` batches into the epoch."""
+
+    def __init__(self, batch_sampler: Sampler[list[int]]) -> None:
+        self.batch_sampler = batch_sampler
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+        inner: Any = getattr(self.batch_sampler, "sampler", None)
+        if hasattr(inner, "set_epoch"):
+            inner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        for k, batch in enumerate(self.batch_sampler):
+            if k >= self.skip:
+                yield [(self.epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler) - self.skip  # type: ignore[arg-type]
+
+
+def collate_checked(
+    batch: Sequence[Any],
+) -> tuple[list[torch.Tensor], list[dict[str, Any]], list[BadSample]]:
+    """``collate`` of the good samples, plus the bad ones set aside."""
+    bad = [s for s in batch if isinstance(s, BadSample)]
+    good = [s for s in batch if not isinstance(s, BadSample)]
+    images, targets = collate(good) if good else ([], [])
+    return images, targets, bad
+
+
+def training_loader(loader: DataLoader[Any], seed: int, skip_bad: bool) -> DataLoader[Any]:
+    """A loader over the same dataset and batches as ``loader`` (from ``build_loader``), made
+    reproducible per sample and resumable (see :class:`EpochBatchSampler`)."""
+    assert loader.batch_sampler is not None
+    return DataLoader(
+        SeededDataset(loader.dataset, seed, skip_bad),
+        batch_sampler=EpochBatchSampler(loader.batch_sampler),  # type: ignore[arg-type]
+        num_workers=loader.num_workers,
+        collate_fn=collate_checked,
+        persistent_workers=loader.num_workers > 0,
+    )

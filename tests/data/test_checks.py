@@ -1,0 +1,198 @@
+"""check_dataset: each finding on a small broken dataset, and the real facades-valid quirks."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from maskrcnn.data.checks import CheckReport, ClassCount, check_dataset
+
+FACADES = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "facades-valid"
+SQUARE = [[2, 2, 6, 2, 6, 6, 2, 6]]
+
+
+def _img(image_id: int, file_name: str, height: int = 20, width: int = 30) -> dict[str, Any]:
+    return {"id": image_id, "file_name": file_name, "height": height, "width": width}
+
+
+def _ann(ann_id: int, image_id: int = 1, category_id: int = 1, segmentation: Any = SQUARE,
+         **extra: Any) -> dict[str, Any]:
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id,
+            "segmentation": segmentation, **extra}
+
+
+def _write(root: Path, images: list[dict[str, Any]], annotations: list[dict[str, Any]],
+           categories: list[dict[str, Any]] | None = None) -> Path:
+    cats = categories or [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    path = root / "ann.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": cats}))
+    return path
+
+
+def _png(path: Path, width: int = 30, height: int = 20) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (width, height)).save(path)
+
+
+def _codes(report: CheckReport) -> dict[str, list[tuple[int | None, int | None]]]:
+    found: dict[str, list[tuple[int | None, int | None]]] = {}
+    for f in report.findings:
+        found.setdefault(f.code, []).append((f.image_id, f.ann_id))
+    return found
+
+
+def test_clean_dataset_passes_with_counts(tmp_path: Path) -> None:
+    _png(tmp_path / "x.png")
+    _png(tmp_path / "y.png")
+    anns = [_ann(1), _ann(2, category_id=2), _ann(3, image_id=2, category_id=2)]
+    report = check_dataset(_write(tmp_path, [_img(1, "x.png"), _img(2, "y.png"),
+                                             _img(3, "y.png")], anns))
+    assert report.ok and report.findings == []
+    assert (report.num_images, report.num_annotations, report.num_empty_images) == (3, 3, 1)
+    assert report.class_counts == [ClassCount(1, 1, "a", 1, 1), ClassCount(2, 2, "b", 2, 2)]
+    assert report.summary_table().endswith("OK: 0 errors, 0 warnings")
+
+
+def test_image_problems(tmp_path: Path) -> None:
+    _png(tmp_path / "ok.png")
+    _png(tmp_path / "sub" / "moved.png")
+    _png(tmp_path / "small.png", width=10)
+    (tmp_path / "empty.png").write_bytes(b"")
+    _png(tmp_path.parent / "outside.png")
+    images = [_img(1, "ok.png"), _img(2, "moved.png"), _img(3, "small.png"),
+              _img(4, "empty.png"), _img(5, "nowhere.png"), _img(6, "../outside.png")]
+    report = check_dataset(_write(tmp_path, images, [_ann(1)]))
+    codes = _codes(report)
+    assert codes["missing_image"] == [(2, None), (5, None)]
+    assert codes["size_mismatch"] == [(3, None)]
+    assert codes["unreadable_image"] == [(4, None)]
+    assert codes["path_outside_root"] == [(6, None)]
+    moved = next(f for f in report.findings if f.image_id == 2)
+    assert "found at sub/moved.png; use search_subfolders" in moved.message
+    assert "20x10 (HxW" in next(f for f in report.findings if f.image_id == 3).message
+    assert not report.ok and len(report.errors) == 4
+    again = check_dataset(tmp_path / "ann.json", search_subfolders=True)
+    assert _codes(again)["missing_image"] == [(5, None)]
+
+
+def test_annotation_geometry_warnings(tmp_path: Path) -> None:
+    _png(tmp_path / "x.png")
+    anns = [
+        _ann(1, bbox=[2, 2, 0, 4]),  # no width
+        _ann(2, segmentation=[[25, 2, 30, 2, 30, 6, 25, 6]], bbox=[25, 2, 10, 4]),  # to x=35
+        _ann(3, segmentation=[[2, 2, 40, 2, 40, 6]]),  # polygon past the right edge
+        _ann(4, segmentation=[[1, 1, 2, 2, 3, 3]]),  # collinear: zero area
+        _ann(5, bbox=[20, 10, 4, 4]),  # nowhere near the square at (2, 2)-(6, 6)
+        _ann(6, bbox=[2.5, 2, 4, 4]),  # off by half a pixel: fine
+    ]
+    report = check_dataset(_write(tmp_path, [_img(1, "x.png")], anns))
+    codes = _codes(report)
+    assert codes["degenerate_box"] == [(1, 1)]
+    assert codes["box_outside_image"] == [(1, 2)]
+    assert codes["polygon_outside_image"] == [(1, 3)]
+    assert codes["degenerate_polygon"] == [(1, 4)]
+    assert codes["empty_mask"] == [(1, 4)]
+    assert codes["bbox_mask_mismatch"] == [(1, 5)]
+    assert codes["unused_category"] == [(None, None)]
+    assert report.ok  # warnings only: the dataset still loads and trains
+
+
+def test_structural_errors_are_all_listed(tmp_path: Path) -> None:
+    _png(tmp_path / "x.png")
+    anns = [_ann(1, segmentation=[[1, 1, 4, 4]]), _ann(2, category_id=9), _ann(3), _ann(3),
+            _ann(4, segmentation={"size": [5, 5], "counts": "xyz"}), _ann(5, bbox=[30, 0, 5, 5]),
+            {"id": 6, "category_id": 1, "segmentation": SQUARE}]
+    cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "a"}]
+    report = check_dataset(_write(tmp_path, [_img(1, "x.png")], anns, cats))
+    codes = _codes(report)
+    assert codes["bad_segmentation"] == [(1, 1), (1, 4)]
+    assert codes["bad_reference"] == [(1, 2)]
+    assert codes["duplicate_annotation_id"] == [(1, 3)]
+    assert codes["missing_key"] == [(None, 6)]
+    assert codes["duplicate_category_name"] == [(None, None)]
+    # Annotations with errors are left out of the geometry checks; the others still run.
+    assert codes["box_outside_image"] == [(1, 5)]
+    assert "polygon 0 has 2 points" in report.errors[0].message
+    table = report.summary_table()
+    assert "bad_segmentation" in table and "FAILED: 5 errors" in table
+
+
+def test_unparsable_or_shapeless_json(tmp_path: Path) -> None:
+    (tmp_path / "ann.json").write_text("{oops")
+    report = check_dataset(tmp_path / "ann.json")
+    assert [f.code for f in report.findings] == ["invalid_json"] and not report.ok
+    (tmp_path / "ann.json").write_text('{"images": [{"id": 1}], "categories": []}')
+    report = check_dataset(tmp_path / "ann.json")
+    assert [f.code for f in report.findings] == ["missing_key"]
+
+
+def test_exif_rotated_image_compares_by_displayed_size(tmp_path: Path) -> None:
+    img = Image.new("RGB", (30, 20))
+    exif = img.getexif()
+    exif[0x0112] = 6  # displayed rotated: 30 high, 20 wide
+    img.save(tmp_path / "r.png", exif=exif)
+    report = check_dataset(_write(tmp_path, [_img(1, "r.png", height=30, width=20)], []))
+    assert "size_mismatch" not in _codes(report)
+    # Annotated on the stored (unrotated) pixels: flagged, with the likely cause.
+    report = check_dataset(_write(tmp_path, [_img(1, "r.png", height=20, width=30)], []))
+    (finding,) = [f for f in report.findings if f.code == "size_mismatch"]
+    assert "file is 30x20" in finding.message and "EXIF orientation" in finding.message
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 40) | st.floats() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=8) | st.dictionaries(st.text(max_size=5), inner,
+                                                                 max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(section=st.sampled_from(["images", "annotations", "categories"]),
+       key=st.sampled_from(["id", "file_name", "height", "width", "image_id", "category_id",
+                            "segmentation", "bbox", "name", "iscrowd"]),
+       value=_values)
+def test_garbage_never_crashes_the_checker(tmp_path: Path, section: str, key: str,
+                                           value: Any) -> None:
+    _png(tmp_path / "x.png")
+    coco = {"images": [_img(1, "x.png")], "annotations": [_ann(1, bbox=[2, 2, 4, 4])],
+            "categories": [{"id": 1, "name": "a"}]}
+    coco[section][0][key] = value
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    report = check_dataset(tmp_path / "ann.json")
+    assert all(f.severity in ("error", "warning") for f in report.findings)
+    report.summary_table()
+
+
+needs_facades = pytest.mark.skipif(not FACADES.is_dir(), reason="facades-valid not present")
+
+
+@needs_facades
+def test_facades_valid_real_quirks_are_found_quickly() -> None:
+    start = time.perf_counter()
+    report = check_dataset(FACADES / "_annotations.coco.json")
+    assert time.perf_counter() - start < 3.0
+    missing = [f for f in report.findings if f.code == "missing_image"]
+    assert len(missing) == 24
+    assert all("; found at images/" in f.message for f in missing)
+    names = [f for f in report.findings if f.code == "duplicate_category_name"]
+    assert len(names) == 1 and "[0, 3] are all named 'facade'" in names[0].message
+    assert report.num_images == 108 and report.num_annotations == 3849
+    assert sum(c.instances for c in report.class_counts) == 3849
+    assert [c.name for c in report.class_counts if c.cat_id in (0, 3)] == ["facade#0", "facade#3"]
+
+
+@needs_facades
+def test_facades_valid_passes_with_subfolder_search() -> None:
+    report = check_dataset(FACADES / "_annotations.coco.json", search_subfolders=True)
+    assert report.ok
+    assert {f.code for f in report.findings} == {"duplicate_category_name", "unused_category"}
