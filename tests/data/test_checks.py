@@ -92,15 +92,17 @@ def test_annotation_geometry_warnings(tmp_path: Path) -> None:
         _ann(4, segmentation=[[1, 1, 2, 2, 3, 3]]),  # collinear: zero area
         _ann(5, bbox=[20, 10, 4, 4]),  # nowhere near the square at (2, 2)-(6, 6)
         _ann(6, bbox=[2.5, 2, 4, 4]),  # off by half a pixel: fine
+        _ann(7, bbox=[30, 2, 4, 4]),  # starts at the right edge: wholly outside
     ]
     report = check_dataset(_write(tmp_path, [_img(1, "x.png")], anns))
     codes = _codes(report)
     assert codes["degenerate_box"] == [(1, 1)]
-    assert codes["box_outside_image"] == [(1, 2)]
+    assert codes["box_outside_image"] == [(1, 2), (1, 7)]
+    assert "lies outside" in next(f for f in report.findings if f.ann_id == 7).message
     assert codes["polygon_outside_image"] == [(1, 3)]
     assert codes["degenerate_polygon"] == [(1, 4)]
     assert codes["empty_mask"] == [(1, 4)]
-    assert codes["bbox_mask_mismatch"] == [(1, 5)]
+    assert codes["bbox_mask_mismatch"] == [(1, 5), (1, 7)]
     assert codes["unused_category"] == [(None, None)]
     assert report.ok  # warnings only: the dataset still loads and trains
 

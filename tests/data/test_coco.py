@@ -275,3 +275,25 @@ def test_garbage_fields_raise_only_dataset_error(tmp_path: Path, field: str, val
         return
     _, target = ds[0]
     assert target["masks"].shape[1:] == (H, W)
+
+
+FACADES = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "facades-valid"
+
+
+@pytest.mark.skipif(not FACADES.is_dir(), reason="facades-valid not present")
+def test_facades_valid_image_in_subfolder_matches_pycocotools() -> None:
+    from pycocotools.coco import COCO
+
+    ann_file = FACADES / "_annotations.coco.json"
+    ds = CocoDataset(ann_file, search_subfolders=True)
+    assert len(ds) == 108 and ds.class_names[1] == "facade#0" and ds.class_names[4] == "facade#3"
+    index = ds.image_ids.index(3)  # one of the 24 images stored under images/
+    assert ds.image_path(index).parent.name == "images"
+    image, target = ds[index]
+    assert image.shape == (3, 1024, 1024)
+    coco = COCO(str(ann_file))
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[3]))
+    assert target["masks"].shape[0] == len(anns)
+    for k in (0, len(anns) - 1):
+        np.testing.assert_array_equal(target["masks"][k].numpy(), coco.annToMask(anns[k]))
+        assert target["labels"][k].item() == ds.cat_id_to_label[anns[k]["category_id"]]

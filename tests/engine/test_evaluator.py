@@ -69,18 +69,67 @@ def make_coco_gt() -> dict[str, Any]:
         {"id": 9, "file_name": "big.jpg", "height": 128, "width": 128},
     ]
     anns = [
-        _complete({"id": 1, "image_id": 1, "category_id": 3, "iscrowd": 0,
-                   "segmentation": [_rect(2, 2, 10, 10), _rect(20, 4, 6, 14)]}, 64, 80),
-        _complete({"id": 2, "image_id": 1, "category_id": 7, "iscrowd": 0,
-                   "segmentation": [[40, 10, 70, 12, 55, 40]]}, 64, 80),
-        _complete({"id": 3, "image_id": 1, "category_id": 3, "iscrowd": 1,
-                   "segmentation": _uncompressed_rle(64, 80, 44, 62, 2, 40)}, 64, 80),
-        {"id": 4, "image_id": 2, "category_id": 11, "iscrowd": 0,  # no area, no bbox
-         "segmentation": _compressed_rle(48, 48, 5, 30, 8, 20)},
-        _complete({"id": 5, "image_id": 2, "category_id": 7,  # no iscrowd
-                   "segmentation": [_rect(25, 25, 20, 18), _rect(30, 2, 5, 5)]}, 48, 48),
-        _complete({"id": 6, "image_id": 9, "category_id": 3, "iscrowd": 0,
-                   "segmentation": [_rect(10, 8, 110, 105)]}, 128, 128),
+        _complete(
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 3,
+                "iscrowd": 0,
+                "segmentation": [_rect(2, 2, 10, 10), _rect(20, 4, 6, 14)],
+            },
+            64,
+            80,
+        ),
+        _complete(
+            {
+                "id": 2,
+                "image_id": 1,
+                "category_id": 7,
+                "iscrowd": 0,
+                "segmentation": [[40, 10, 70, 12, 55, 40]],
+            },
+            64,
+            80,
+        ),
+        _complete(
+            {
+                "id": 3,
+                "image_id": 1,
+                "category_id": 3,
+                "iscrowd": 1,
+                "segmentation": _uncompressed_rle(64, 80, 44, 62, 2, 40),
+            },
+            64,
+            80,
+        ),
+        {
+            "id": 4,
+            "image_id": 2,
+            "category_id": 11,
+            "iscrowd": 0,  # no area, no bbox
+            "segmentation": _compressed_rle(48, 48, 5, 30, 8, 20),
+        },
+        _complete(
+            {
+                "id": 5,
+                "image_id": 2,
+                "category_id": 7,  # no iscrowd
+                "segmentation": [_rect(25, 25, 20, 18), _rect(30, 2, 5, 5)],
+            },
+            48,
+            48,
+        ),
+        _complete(
+            {
+                "id": 6,
+                "image_id": 9,
+                "category_id": 3,
+                "iscrowd": 0,
+                "segmentation": [_rect(10, 8, 110, 105)],
+            },
+            128,
+            128,
+        ),
     ]
     categories = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 11, "name": "bird"}]
     return {"images": images, "annotations": anns, "categories": categories}
@@ -101,13 +150,20 @@ def _gt_instances(coco_gt: dict) -> dict[int, list[tuple[np.ndarray, list[float]
         if ann.get("iscrowd", 0):
             continue
         rle = api.annToRLE(ann)
-        out[ann["image_id"]].append((api.annToMask(ann), mask_utils.toBbox(rle).tolist(),
-                                     ann["category_id"]))
+        out[ann["image_id"]].append(
+            (api.annToMask(ann), mask_utils.toBbox(rle).tolist(), ann["category_id"])
+        )
     return out
 
 
-def _prediction(masks: np.ndarray, boxes_xywh: np.ndarray, cats: list[int],
-                scores: np.ndarray, height: int, width: int) -> dict[str, torch.Tensor]:
+def _prediction(
+    masks: np.ndarray,
+    boxes_xywh: np.ndarray,
+    cats: list[int],
+    scores: np.ndarray,
+    height: int,
+    width: int,
+) -> dict[str, torch.Tensor]:
     boxes = torch.as_tensor(boxes_xywh, dtype=torch.float32).reshape(-1, 4)
     boxes[:, 2:] += boxes[:, :2]
     return {
@@ -181,8 +237,9 @@ def _jittered_predictions(coco_gt: dict, seed: int) -> tuple[list[dict], list[in
             masks.append(blob)
             boxes.append(np.array([x, y, bw, bh], dtype=float))
             cats.append(int(rng.choice(list(CAT_TO_LABEL))))
-        probs = np.clip(np.array(masks, dtype=np.float32) * 0.6 + rng.random((len(masks), h, w))
-                        * 0.45, 0, 1)
+        probs = np.clip(
+            np.array(masks, dtype=np.float32) * 0.6 + rng.random((len(masks), h, w)) * 0.45, 0, 1
+        )
         scores = rng.random(len(masks))
         preds.append(_prediction(probs, np.array(boxes), cats, scores, h, w))
         ids.append(image_id)
@@ -197,8 +254,11 @@ def _raw_pycocotools_stats(coco_gt: dict, preds: list[dict], ids: list[int]) -> 
         masks = (pred["masks"][:, 0] > 0.5).numpy().astype(np.uint8)
         for k in range(len(boxes)):
             x1, y1, x2, y2 = boxes[k]
-            common = {"image_id": image_id, "category_id": LABEL_TO_CAT[int(pred["labels"][k])],
-                      "score": float(pred["scores"][k])}
+            common = {
+                "image_id": image_id,
+                "category_id": LABEL_TO_CAT[int(pred["labels"][k])],
+                "score": float(pred["scores"][k]),
+            }
             bbox_res.append({**common, "bbox": [x1, y1, x2 - x1, y2 - y1]})
             rle = mask_utils.encode(np.asfortranarray(masks[k]))
             segm_res.append({**common, "segmentation": rle})
@@ -219,14 +279,20 @@ def _add_random_images(coco_gt: dict, rng: np.random.Generator, count: int) -> N
     """Images of 112x128 holding 2-5 quadrilaterals of small, medium and large size."""
     next_ann = max(a["id"] for a in coco_gt["annotations"]) + 1
     for image_id in range(100, 100 + count):
-        coco_gt["images"].append({"id": image_id, "file_name": f"{image_id}.jpg",
-                                  "height": 112, "width": 128})
+        coco_gt["images"].append(
+            {"id": image_id, "file_name": f"{image_id}.jpg", "height": 112, "width": 128}
+        )
         for _ in range(rng.integers(2, 6)):
             side = rng.choice([12, 50, 104])  # area < 32², 32²..96², > 96²
             x, y = rng.integers(0, 128 - side), rng.integers(0, 112 - side)
             quad = (np.array(_rect(x, y, side, side)) + rng.normal(0, 2, 8)).tolist()
-            ann = {"id": next_ann, "image_id": image_id, "iscrowd": 0, "segmentation": [quad],
-                   "category_id": int(rng.choice(list(CAT_TO_LABEL)))}
+            ann = {
+                "id": next_ann,
+                "image_id": image_id,
+                "iscrowd": 0,
+                "segmentation": [quad],
+                "category_id": int(rng.choice(list(CAT_TO_LABEL))),
+            }
             coco_gt["annotations"].append(_complete(ann, 112, 128))
             next_ann += 1
 
@@ -252,8 +318,12 @@ def test_numbers_equal_raw_pycocotools(coco_gt: dict, backend: str) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_predictions_give_zero_ap(coco_gt: dict, backend: str) -> None:
-    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-             "scores": torch.zeros(0), "masks": torch.zeros(0, 1, 64, 80)}
+    empty = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "scores": torch.zeros(0),
+        "masks": torch.zeros(0, 1, 64, 80),
+    }
     evaluator = CocoEvaluator(coco_gt, label_to_cat_id=LABEL_TO_CAT, backend=backend)
     evaluator.update([empty], [1])
     metrics = evaluator.compute()
@@ -273,8 +343,12 @@ def test_only_updated_images_are_evaluated(coco_gt: dict) -> None:
 
 
 def test_results_json_format(coco_gt: dict) -> None:
-    pred = {"boxes": torch.tensor([[2.0, 3.0, 12.0, 8.0]]), "labels": torch.tensor([2]),
-            "scores": torch.tensor([0.5]), "masks": torch.zeros(1, 1, 64, 80)}
+    pred = {
+        "boxes": torch.tensor([[2.0, 3.0, 12.0, 8.0]]),
+        "labels": torch.tensor([2]),
+        "scores": torch.tensor([0.5]),
+        "masks": torch.zeros(1, 1, 64, 80),
+    }
     pred["masks"][0, 0, 3:8, 2:12] = 0.9
     evaluator = CocoEvaluator(coco_gt, label_to_cat_id=LABEL_TO_CAT)
     evaluator.update([pred], [1])
@@ -323,8 +397,12 @@ def test_bad_inputs_raise(coco_gt: dict) -> None:
     with pytest.raises(ValueError, match="keypoints"):
         CocoEvaluator(coco_gt, iou_types=("keypoints",))
     evaluator = CocoEvaluator(coco_gt, label_to_cat_id=LABEL_TO_CAT)
-    pred = {"boxes": torch.zeros(1, 4), "labels": torch.tensor([1]), "scores": torch.ones(1),
-            "masks": torch.zeros(1, 1, 10, 10)}
+    pred = {
+        "boxes": torch.zeros(1, 4),
+        "labels": torch.tensor([1]),
+        "scores": torch.ones(1),
+        "masks": torch.zeros(1, 1, 10, 10),
+    }
     with pytest.raises(ValueError, match="masks are 10x10"):
         evaluator.update([pred], [1])
     with pytest.raises(ValueError, match="not in the ground truth"):
@@ -347,15 +425,32 @@ def test_repeated_category_names_are_disambiguated() -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_segm_size_range_uses_mask_area(backend: str) -> None:
     """A false positive whose mask is small (a diagonal line) but whose box is medium sized."""
-    gt = {"images": [{"id": 1, "file_name": "x.jpg", "height": 64, "width": 64}],
-          "categories": [{"id": 1, "name": "thing"}],
-          "annotations": [_complete({"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
-                                     "segmentation": [_rect(5, 5, 10, 10)]}, 64, 64)]}
+    gt = {
+        "images": [{"id": 1, "file_name": "x.jpg", "height": 64, "width": 64}],
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [
+            _complete(
+                {
+                    "id": 1,
+                    "image_id": 1,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "segmentation": [_rect(5, 5, 10, 10)],
+                },
+                64,
+                64,
+            )
+        ],
+    }
     masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
     masks[0, 5:15, 5:15] = 1
     masks[1, torch.arange(20, 60), torch.arange(20, 60)] = 1  # area 40, box 40x40
-    pred = {"boxes": torch.tensor([[5.0, 5, 15, 15], [20, 20, 60, 60]]),
-            "labels": torch.tensor([1, 1]), "scores": torch.tensor([0.5, 0.9]), "masks": masks}
+    pred = {
+        "boxes": torch.tensor([[5.0, 5, 15, 15], [20, 20, 60, 60]]),
+        "labels": torch.tensor([1, 1]),
+        "scores": torch.tensor([0.5, 0.9]),
+        "masks": masks,
+    }
     evaluator = CocoEvaluator(gt, iou_types=("segm",), backend=backend)
     evaluator.update([pred], [1])
     segm = evaluator.compute()["segm"]

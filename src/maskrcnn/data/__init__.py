@@ -1,6 +1,6 @@
 """Datasets: reading and checking COCO-format data, converters, a synthetic generator."""
 
-from maskrcnn.data.checks import CheckReport, Finding, check_dataset
+from maskrcnn.data.checks import CheckReport, ClassCount, Finding, check_dataset
 from maskrcnn.data.coco import CocoDataset, build_label_map
 from maskrcnn.data.converters import labelme_to_coco, mask_pngs_to_coco, yolo_seg_to_coco
 from maskrcnn.data.errors import DatasetError
@@ -9,6 +9,7 @@ from maskrcnn.data.synthetic import make_synthetic_coco
 
 __all__ = [
     "CheckReport",
+    "ClassCount",
     "CocoDataset",
     "DatasetError",
     "Finding",

@@ -195,6 +195,10 @@ def _box_findings(ann: dict[str, Any], height: int, width: int) -> Iterator[Find
     if w <= 0 or h <= 0:
         yield Finding("warning", "degenerate_box", f"{ids}: bbox {ann['bbox']} has no area; "
                       "the dataset drops this instance", ann["image_id"], ann["id"])
+    elif x >= width or y >= height or x + w <= 0 or y + h <= 0:
+        yield Finding("warning", "box_outside_image", f"{ids}: bbox {ann['bbox']} lies outside "
+                      f"the {width}x{height} (WxH) image; the dataset drops this instance",
+                      ann["image_id"], ann["id"])
     elif x < -_BORDER_TOLERANCE or y < -_BORDER_TOLERANCE or (
         x + w > width + _BORDER_TOLERANCE or y + h > height + _BORDER_TOLERANCE
     ):

@@ -98,4 +98,7 @@ def training_loader(loader: DataLoader[Any], seed: int, skip_bad: bool) -> DataL
         num_workers=loader.num_workers,
         collate_fn=collate_checked,
         persistent_workers=loader.num_workers > 0,
+        # Its own generator: starting an epoch must not draw from the global RNG, which the
+        # model's samplers use (a resumed run would otherwise drift from a straight one).
+        generator=torch.Generator().manual_seed(seed),
     )

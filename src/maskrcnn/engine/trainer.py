@@ -161,7 +161,9 @@ class Trainer:
         """Stop with a message naming the iteration and images, or skip the step when
         ``run.max_nonfinite_skips`` allows it."""
         ids = [t.get("image_id") for t in targets]
-        bad = {n: float(v) for n, v in losses.items() if not math.isfinite(float(v))}
+        bad = {
+            n: float(v.detach()) for n, v in losses.items() if not math.isfinite(float(v.detach()))
+        }
         message = (
             f"non-finite loss at iteration {self.iteration + 1} {bad} on image ids "
             f"{ids}; the last good checkpoint is {self.out / 'last.pth'}"

@@ -1,0 +1,65 @@
+"""Configuration files, overrides and their errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from maskrcnn.cli import recipe_path
+from maskrcnn.config import TrainConfig, from_dict, load_train_config, to_dict
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("solver:\n  base_lr: 0.1\n  steps: [5, 9]\nmodel:\n  backbone: resnet18\n")
+    cfg = load_train_config(
+        path,
+        [
+            "solver.base_lr=0.01",
+            "model.min_size=[600, 800]",
+            "model.loss_weights.mask=2",
+            "data.val_json=null",
+        ],
+    )
+    assert cfg.solver.base_lr == 0.01  # the override wins over the file
+    assert cfg.solver.steps == (5, 9)  # lists become tuples
+    assert cfg.model.backbone == "resnet18"
+    assert cfg.model.min_size == (600, 800) and cfg.model.min_sizes == (600, 800)
+    assert cfg.model.loss_weights.mask == 2.0
+    assert cfg.solver.momentum == 0.9  # untouched default
+
+
+def test_unknown_key_names_it_and_suggests(tmp_path: Path) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"unknown config key 'solver.base_rl'; did you mean "
+        r"'solver.base_lr'",
+    ):
+        load_train_config(None, ["solver.base_rl=0.1"])
+    path = tmp_path / "c.yaml"
+    path.write_text("modle:\n  backbone: resnet18\n")
+    with pytest.raises(ValueError, match="did you mean 'model'"):
+        load_train_config(path)
+
+
+def test_wrong_types_and_values_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"solver\.max_iter: expected int"):
+        load_train_config(None, ["solver.max_iter=lots"])
+    with pytest.raises(ValueError, match=r"solver\.schedule"):
+        load_train_config(None, ["solver.schedule=linear"])
+    with pytest.raises(ValueError, match="must look like"):
+        load_train_config(None, ["solver.base_lr"])
+
+
+def test_round_trip_through_yaml() -> None:
+    assert load_train_config(None, []) == TrainConfig()
+    cfg = load_train_config(recipe_path("demo"))
+    assert from_dict(TrainConfig, yaml.safe_load(yaml.safe_dump(to_dict(cfg)))) == cfg
+
+
+@pytest.mark.parametrize("name", ["demo", "coco_r50_fpn_1x", "finetune_small"])
+def test_recipes_load(name: str) -> None:
+    cfg = load_train_config(recipe_path(name))
+    assert cfg.solver.max_iter > 0

@@ -1,0 +1,147 @@
+"""The training loop: loss goes down, resume is exact, accumulation is a mean, bf16 runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskrcnn.engine.checkpoint import load_checkpoint
+from maskrcnn.engine.logging import read_metrics
+from maskrcnn.engine.trainer import NonFiniteLossError, Trainer
+from tiny_run import tiny_config
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def test_training_lowers_the_loss_and_writes_the_run_folder(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, "solver.max_iter=30", "solver.base_lr=0.02", "run.eval_period=30")
+    trainer = Trainer(cfg, show_progress=False)
+    metrics = trainer.train()
+    losses = _losses(tmp_path)
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+    assert set(metrics) == {"bbox", "segm"} and 0.0 <= metrics["segm"]["AP"] <= 1.0
+    for name in (
+        "last.pth",
+        "best.pth",
+        "config.yaml",
+        "metrics.json",
+        "loss_curves.png",
+        "ap_curve.png",
+    ):
+        assert (tmp_path / name).is_file(), name
+    assert (
+        json.loads((tmp_path / "metrics.json").read_text())["segm"]["AP"] == metrics["segm"]["AP"]
+    )
+    assert list((tmp_path / "overlays").glob("*.png"))
+    assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path: Path) -> None:
+    n = 4
+    # 12 images, batch 2: an epoch is 6 batches, so the run crosses an epoch boundary.
+    straight = Trainer(
+        tiny_config(tmp_path / "a", f"solver.max_iter={2 * n}", "solver.steps=[5]"),
+        show_progress=False,
+    )
+    straight.train()
+    first = Trainer(
+        tiny_config(
+            tmp_path / "b", f"solver.max_iter={n}", "solver.steps=[5]", "run.checkpoint_period=2"
+        ),
+        show_progress=False,
+    )
+    first.train()
+    resumed = Trainer(
+        tiny_config(tmp_path / "b", f"solver.max_iter={2 * n}", "solver.steps=[5]"),
+        resume=True,
+        show_progress=False,
+    )
+    assert resumed.iteration == n
+    resumed.train()
+    a = load_checkpoint(tmp_path / "a" / "last.pth")
+    b = load_checkpoint(tmp_path / "b" / "last.pth")
+    assert a["iteration"] == b["iteration"] == 2 * n
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, atol=1e-6, rtol=0, msg=key)
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 2 * n
+    assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), abs=1e-6)
+
+
+def test_accumulation_is_the_gradient_of_the_mean_loss(tmp_path: Path) -> None:
+    trainer = Trainer(
+        tiny_config(
+            tmp_path,
+            "solver.accumulation_steps=2",
+            "solver.max_iter=3",
+            "solver.grad_clip_norm=null",
+        ),
+        show_progress=False,
+    )
+    stream = trainer.batches()
+    micro = [next(stream), next(stream)]
+    reference = copy.deepcopy(trainer.model)
+    torch.manual_seed(7)
+    total = sum(sum(reference(images, targets).values()) for images, targets in micro)
+    assert isinstance(total, torch.Tensor)
+    (total / 2).backward()
+    torch.manual_seed(7)
+    trainer.step(iter(micro))
+    for (name, p), q in zip(trainer.model.named_parameters(), reference.parameters(), strict=True):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    # The schedule counts optimiser steps, not micro-batches.
+    assert trainer.scheduler.last_epoch == 1
+    trainer.step(trainer.batches())
+    assert trainer.scheduler.last_epoch == 2
+
+
+def test_bf16_training_runs_and_learns(tmp_path: Path) -> None:
+    cfg = tiny_config(
+        tmp_path, "solver.precision=bf16", "solver.max_iter=24", "solver.base_lr=0.02"
+    )
+    trainer = Trainer(cfg, show_progress=False)
+    assert trainer.precision == "bf16"
+    trainer.train()
+    losses = _losses(tmp_path)
+    assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4
+
+
+def test_nonfinite_loss_stops_with_iteration_and_image_ids(tmp_path: Path) -> None:
+    trainer = Trainer(
+        tiny_config(tmp_path, "solver.max_iter=3", "run.checkpoint_period=1"), show_progress=False
+    )
+    trainer.train()  # a good checkpoint at iteration 3
+    good = load_checkpoint(tmp_path / "last.pth")["model"]
+    trainer = Trainer(
+        tiny_config(tmp_path, "solver.max_iter=6", "run.checkpoint_period=1"),
+        resume=True,
+        show_progress=False,
+    )
+    with torch.no_grad():
+        trainer.model.roi_heads.box_predictor.cls_score.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"iteration 4 .*image ids \[\d+, \d+\]"):
+        trainer.train()
+    kept = load_checkpoint(tmp_path / "last.pth")
+    assert kept["iteration"] == 3
+    assert torch.equal(
+        kept["model"]["rpn.head.cls_logits.weight"], good["rpn.head.cls_logits.weight"]
+    )
+
+
+def test_nonfinite_steps_can_be_skipped_up_to_a_limit(tmp_path: Path) -> None:
+    trainer = Trainer(
+        tiny_config(tmp_path, "solver.max_iter=2", "run.max_nonfinite_skips=1"), show_progress=False
+    )
+    with torch.no_grad():
+        trainer.model.roi_heads.box_predictor.cls_score.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError):
+        trainer.train()
+    assert trainer.nonfinite_skips == 1
