@@ -71,6 +71,33 @@ example: maskrcnn train --config finetune_small data.train_json=train.json \\
     p.set_defaults(func=_train)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from maskrcnn import bench
+
+    h, w = (int(v) for v in args.size.lower().split("x"))
+    skip = tuple(s for s in args.skip.split(",") if s)
+    return bench.main((h, w), args.repeats, args.weights, skip, args.json)
+
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time ours against torchvision (same weights, same inputs, one process)",
+        description="Inference (torchvision, ours, ours exact fast-path, ours fast), a "
+        "training step (batch 2), mask paste (100 masks), data loading and peak memory; "
+        "medians of alternating runs, ratios against torchvision.",
+    )
+    p.add_argument("--size", default="800x1088", help="image size HxW (default 800x1088)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each (default 3)")
+    p.add_argument(
+        "--weights",
+        help="state dict or checkpoint of a ResNet-50-FPN model (default: random weights)",
+    )
+    p.add_argument("--skip", default="", help="comma list of: inference,train,paste,loading,memory")
+    p.add_argument("--json", help="also write the report as JSON to this file")
+    p.set_defaults(func=_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="maskrcnn",
@@ -79,9 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_bench(sub)
     from maskrcnn.data.cli import register as register_data
 
     register_data(sub)
+    from maskrcnn.inference_cli import register as register_inference
+
+    register_inference(sub)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import random
@@ -20,9 +21,15 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flushed
     to disk, then renamed over the old one. A crash or a full disk at any moment leaves
-    either the previous file or the new one, never a half-written one."""
+    either the previous file or the new one, never a half-written one; temporary files left
+    by an earlier crash are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A process killed mid-write leaves its temporary file behind; as big as a checkpoint,
+    # a few of them fill a disk. Only one process writes a given checkpoint, so any such
+    # file is an orphan: remove it before taking more space.
+    for orphan in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        orphan.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -50,13 +57,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch names the callable it refused to import on a line with "GLOBAL"; other
+        # unpickling errors come from bytes that are no pickle at all.
+        refused = [line for line in str(err).splitlines() if "GLOBAL" in line]
+        if not refused:
+            raise CheckpointError(
+                f"{path} is not a readable checkpoint (corrupt, or not written by torch.save)"
+            ) from None
         raise CheckpointError(
             f"{path} was refused: it holds Python objects other than tensors and plain values "
             f"(loading it could run code). Only load such a file if you trust its origin. "
-            f"Details: {str(err).splitlines()[0]}"
+            f"Details: {refused[0].strip()}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint: {err}") from None
+    except Exception as err:  # on garbage, torch.load raises anything (KeyError, EOFError...)
+        detail = str(err) or ("the file ends too early" if isinstance(err, EOFError) else "")
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint: {type(err).__name__}: {detail}"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(state).__name__}")
     return state

@@ -7,11 +7,13 @@ from torch import Tensor, nn
 
 from maskrcnn.config import ModelConfig
 from maskrcnn.model.backbone import build_backbone
+from maskrcnn.model.fast import default_fast_precision, fold_frozen_batchnorm
 from maskrcnn.model.postprocess import paste_masks
 from maskrcnn.model.preprocess import Preprocessor, scale_boxes
 from maskrcnn.model.roi_heads import RoIHeads
 from maskrcnn.model.rpn import RegionProposalNetwork
 from maskrcnn.model.validation import check_images, check_targets
+from maskrcnn.precision import autocast
 from maskrcnn.structures.image_batch import ImageBatch
 
 LOSS_WEIGHT_NAMES = {
@@ -43,6 +45,8 @@ class MaskRCNN(nn.Module):
         self.backbone = build_backbone(self.cfg)
         self.rpn = RegionProposalNetwork(self.cfg)
         self.roi_heads = RoIHeads(self.cfg)
+        self.inference_precision = "fp32"
+        self.channels_last = False
 
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
@@ -69,10 +73,34 @@ class MaskRCNN(nn.Module):
 
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         batch, _ = self.preprocess(images, None, training=False)
-        features = self.backbone(batch.tensor)
-        proposals, _ = self.rpn(batch, list(features.values()))
-        detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
+        x = batch.tensor
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.inference_precision, x.device):
+            features = self.backbone(x)
+            proposals, _ = self.rpn(batch, list(features.values()))
+            detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
         return self.to_input_coordinates(detections, batch)
+
+    def optimize_for_inference(
+        self, precision: str = "auto", channels_last: bool = True
+    ) -> MaskRCNN:
+        """Switch this model, in place, to the fast inference path: frozen BatchNorm folded
+        into the convolutions (the model can no longer be trained or saved in torchvision's
+        layout), channels-last memory layout, and autocast in ``precision`` (``auto``: bf16
+        on a CPU with native bf16, fp16 on CUDA, else fp32; ``fp32`` keeps full precision).
+        Boxes, masks and scores stay float32; decoding and post-processing run in float32."""
+        if precision == "auto":
+            precision = default_fast_precision(next(self.parameters()).device)
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        fold_frozen_batchnorm(self.backbone)
+        self.inference_precision = precision
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        self.eval()
+        return self
 
     @staticmethod
     def to_input_coordinates(

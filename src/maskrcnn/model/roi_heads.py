@@ -71,9 +71,10 @@ class RoIHeads(nn.Module):
         self.box_head = TwoMLPHead(ch * 7 * 7, 1024)
         self.box_predictor = BoxPredictor(1024, cfg.num_classes)
         self.mask_roi_pool = MultiScaleRoIAlign(FEATURE_NAMES, output_size=14, sampling_ratio=2)
-        self.mask_head = MaskHead(ch)
+        # The mask branch is as wide as the FPN (256 in torchvision's layout).
+        self.mask_head = MaskHead(ch, (ch,) * 4)
         self.mask_predictor = MaskPredictor(
-            256, 256, 1 if cfg.class_agnostic_masks else cfg.num_classes
+            ch, ch, 1 if cfg.class_agnostic_masks else cfg.num_classes
         )
         self.box_coder = BoxCoder(cfg.bbox_reg_weights or (10.0, 10.0, 5.0, 5.0))
         self.matcher = Matcher(cfg.box_fg_iou_thresh, cfg.box_bg_iou_thresh, False)
@@ -100,7 +101,8 @@ class RoIHeads(nn.Module):
         image_sizes: list[tuple[int, int]],
     ) -> tuple[Tensor, Tensor]:
         x = self.box_head(self.box_roi_pool(features, boxes, image_sizes))
-        return self.box_predictor(x)
+        class_logits, box_regression = self.box_predictor(x)
+        return class_logits.float(), box_regression.float()
 
     def mask_logits(
         self,
@@ -110,7 +112,7 @@ class RoIHeads(nn.Module):
     ) -> Tensor:
         """(sum D_i, C|1, 28, 28) mask logits for ``boxes`` given per image."""
         x = self.mask_head(self.mask_roi_pool(features, boxes, image_sizes))
-        return self.mask_predictor(x)
+        return self.mask_predictor(x).float()
 
     def detect(
         self,

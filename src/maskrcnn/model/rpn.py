@@ -83,13 +83,14 @@ class RegionProposalNetwork(nn.Module):
         logits, deltas = self.head(features)
         feature_sizes = [(f.shape[-2], f.shape[-1]) for f in features]
         anchors_per_level = self.anchor_generator(
-            images.padded_size, feature_sizes, features[0].dtype, features[0].device
+            images.padded_size, feature_sizes, torch.float32, features[0].device
         )
         anchors = torch.cat(anchors_per_level)
         num_per_level = [a.shape[0] for a in anchors_per_level]
         num_images = len(images.image_sizes)
-        objectness = flatten_levels(logits, 1).squeeze(-1)  # (B, A_total)
-        box_deltas = flatten_levels(deltas, 4)  # (B, A_total, 4)
+        # float32 from here on, whatever precision the convolutions ran in
+        objectness = flatten_levels(logits, 1).squeeze(-1).float()  # (B, A_total)
+        box_deltas = flatten_levels(deltas, 4).float()  # (B, A_total, 4)
         proposals = self.box_coder.decode(
             box_deltas.detach().reshape(-1, 4), anchors.repeat(num_images, 1)
         ).view(num_images, -1, 4)

@@ -1,0 +1,44 @@
+"""The fast inference path: frozen BatchNorm folded into convolutions, channels-last memory
+layout, and reduced-precision autocast where the hardware has it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from maskrcnn.precision import cpu_supports_bf16
+
+
+def fold_frozen_batchnorm(module: nn.Module) -> int:
+    """Fold every FrozenBatchNorm2d that directly follows a Conv2d among a module's children
+    (the layout of torchvision's ResNets and MobileNetV2) into that convolution, replacing
+    the norm by Identity. Returns how many were folded. The result equals the original up to
+    float rounding: conv(x) * s + t == conv'(x) with W' = W * s, b' = b * s + t."""
+    folded = 0
+    for parent in module.modules():
+        children = list(parent.named_children())
+        for (_, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, FrozenBatchNorm2d):
+                _fold(conv, bn)
+                setattr(parent, bn_name, nn.Identity())
+                folded += 1
+    return folded
+
+
+@torch.no_grad()
+def _fold(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> None:
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    shift = bn.bias - bn.running_mean * scale
+    conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+    if conv.bias is None:
+        conv.bias = nn.Parameter(shift.clone(), requires_grad=False)
+    else:
+        conv.bias.mul_(scale).add_(shift)
+
+
+def default_fast_precision(device: torch.device) -> str:
+    """fp16 on CUDA, bf16 on a CPU with native bf16, else fp32."""
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if cpu_supports_bf16() else "fp32"
