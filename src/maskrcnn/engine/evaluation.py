@@ -11,8 +11,8 @@ from tqdm import tqdm
 from maskrcnn.data.coco import CocoDataset
 from maskrcnn.data.loader import build_loader
 from maskrcnn.engine.evaluator import CocoEvaluator
-from maskrcnn.precision import autocast
 from maskrcnn.model.mask_rcnn import MaskRCNN
+from maskrcnn.precision import autocast
 from maskrcnn.visualize import draw_instances, save_overlay, side_by_side
 
 

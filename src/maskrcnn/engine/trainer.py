@@ -29,8 +29,8 @@ from maskrcnn.engine.checkpoint import load_checkpoint, rng_state, save_checkpoi
 from maskrcnn.engine.evaluation import evaluate
 from maskrcnn.engine.logging import MetricsLogger, read_metrics, truncate_after
 from maskrcnn.engine.plots import plot_ap, plot_losses
-from maskrcnn.precision import autocast, grad_scaler, resolve_precision
 from maskrcnn.engine.solver import build_optimizer, build_scheduler, effective_lr
+from maskrcnn.precision import autocast, grad_scaler, resolve_precision
 
 log = logging.getLogger("maskrcnn")
 

@@ -3,6 +3,8 @@ layout, and reduced-precision autocast where the hardware has it."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
@@ -18,7 +20,7 @@ def fold_frozen_batchnorm(module: nn.Module) -> int:
     folded = 0
     for parent in module.modules():
         children = list(parent.named_children())
-        for (_, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
+        for (_, conv), (bn_name, bn) in itertools.pairwise(children):
             if isinstance(conv, nn.Conv2d) and isinstance(bn, FrozenBatchNorm2d):
                 _fold(conv, bn)
                 setattr(parent, bn_name, nn.Identity())
