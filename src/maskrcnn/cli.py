@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from maskrcnn.config import load_train_config
 
 RECIPES = "maskrcnn.configs"
+LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint")
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -27,9 +29,32 @@ def recipe_path(name_or_path: str) -> Path:
     raise SystemExit(f"config {name_or_path!r} is neither a file nor a recipe ({', '.join(names)})")
 
 
+def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
+    """Re-run this command under torchrun with ``--nproc`` processes per node."""
+    forwarded, skip_value = [], False
+    for a in argv:
+        if skip_value:
+            skip_value = False
+        elif a.startswith(LAUNCH_FLAGS):
+            skip_value = "=" not in a
+        else:
+            forwarded.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
+           f"--nnodes={args.nnodes}", f"--node_rank={args.node_rank}"]
+    if args.rdzv_endpoint:
+        cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={args.rdzv_endpoint}"]
+    else:
+        cmd += ["--standalone"]
+    return subprocess.call([*cmd, "-m", "maskrcnn", *forwarded])
+
+
 def _train(args: argparse.Namespace) -> int:
+    from maskrcnn.engine.distributed import shutdown
     from maskrcnn.engine.summary import print_summary
     from maskrcnn.engine.trainer import Trainer
+
+    if args.nproc > 1 or args.nnodes > 1:
+        return launch_torchrun(args, args.argv)
 
     config = args.config
     if config is None and not any(o.startswith("data.train_json=") for o in args.overrides):
@@ -41,7 +66,9 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_train_config(recipe_path(config) if config else None, args.overrides)
     trainer = Trainer(cfg, resume=args.resume)
     metrics = trainer.train()
-    print_summary(trainer, metrics)
+    if trainer.dist.is_main:
+        print_summary(trainer, metrics)
+    shutdown(trainer.dist)
     return 0
 
 
@@ -67,6 +94,11 @@ example: maskrcnn train --config finetune_small data.train_json=train.json \\
     )
     p.add_argument("--config", help="YAML file or recipe name")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pth")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes per node: launches torchrun (one per GPU, or CPU processes)")
+    p.add_argument("--nnodes", type=int, default=1, help="number of machines (with --nproc)")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
+    p.add_argument("--rdzv-endpoint", help="host:port of node 0, for multi-node runs")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=_train)
 
@@ -118,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return int(args.func(args))
 
 

@@ -167,6 +167,7 @@ class RunConfig:
     checkpoint_period: int = 500
     num_overlays: int = 4
     max_nonfinite_skips: int = 0
+    dist_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)

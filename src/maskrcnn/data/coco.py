@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -15,7 +16,12 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from maskrcnn.data.errors import DatasetError
-from maskrcnn.data.image_io import index_by_basename, read_image, swapped_hint
+from maskrcnn.data.image_io import (
+    MAX_IMAGE_PIXELS,
+    index_by_basename,
+    read_image,
+    swapped_hint,
+)
 
 Target = dict[str, Any]
 Transforms = Callable[[tv_tensors.Image, Target], tuple[Any, Any]]
@@ -24,6 +30,9 @@ BACKGROUND_NAME = "__background__"
 _IMAGE_KEYS = ("id", "file_name", "height", "width")
 _ANNOTATION_KEYS = ("id", "image_id", "category_id", "segmentation")
 _CATEGORY_KEYS = ("id", "name")
+# pycocotools stores run lengths as uint32: an image can have at most this many pixels.
+MAX_MASK_PIXELS = 2**32 - 1
+_MAX_NAME_BYTES = 255  # NAME_MAX on Linux and macOS; NTFS allows 255 UTF-16 units
 
 
 class Problem(NamedTuple):
@@ -166,11 +175,36 @@ def _image_problems(images: list[Any]) -> Generator[Problem, None, ImageIndex]:
         elif not all(_is_int(img[s]) and img[s] > 0 for s in ("height", "width")):
             yield Problem("bad_size", f"image id {image_id}: height/width must be positive ints",
                           image_id)
-        elif not isinstance(img["file_name"], str) or not img["file_name"]:
-            yield Problem("bad_file_name", f"image id {image_id}: empty file_name", image_id)
+        elif img["height"] * img["width"] > MAX_MASK_PIXELS:
+            yield Problem("bad_size", f"image id {image_id}: {img['height']}x{img['width']} "
+                          f"(HxW) is more pixels than a COCO mask can hold (2**32 - 1)", image_id)
+        elif problem := _file_name_problem(img["file_name"]):
+            yield Problem("bad_file_name", f"image id {image_id}: {problem}", image_id)
         else:
             by_id[image_id] = img
     return by_id
+
+
+def _file_name_problem(name: object) -> str | None:
+    if not isinstance(name, str) or not name:
+        return f"file_name must be a non-empty string, got {name!r}"
+    # No file system can hold such a name: say so rather than fail on opening it.
+    if "\x00" in name:
+        return f"file_name {name!r} contains a NUL character"
+    if any(len(part.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES
+           for part in re.split(r"[\\/]", name)):
+        return f"file_name {name[:40]!r}... has a component longer than {_MAX_NAME_BYTES} bytes"
+    return None
+
+
+def escapes_root(file_name: str) -> bool:
+    """True for an absolute ``file_name`` (``/x``, ``C:\\x``) or one with a ``..`` part.
+
+    Any ``..`` counts, even ``a/../b``: the OS resolves ``..`` after following a symbolic link,
+    so ``link/../x`` may leave the root although it looks as if it stayed.
+    """
+    return bool(file_name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", file_name)
+                or ".." in re.split(r"[\\/]", file_name))
 
 
 def _category_problems(categories: list[Any]) -> Generator[Problem, None, set[int]]:
@@ -207,8 +241,9 @@ def _annotation_problem(
         return "bad_reference", f"refers to unknown category id {ann['category_id']!r}"
     if ann.get("iscrowd", 0) not in (0, 1):
         return "bad_annotation", f"iscrowd must be 0 or 1, got {ann['iscrowd']!r}"
-    if "area" in ann and not _is_number(ann["area"]):
-        return "bad_annotation", f"area must be a number, got {ann['area']!r}"
+    if "area" in ann and not (_is_number(ann["area"]) and _finite_sum([ann["area"]])
+                              and ann["area"] >= 0):
+        return "bad_annotation", f"area must be a finite number >= 0, got {ann['area']!r}"
     img = images[ann["image_id"]]
     problem = _bbox_problem(ann) or segmentation_problem(
         ann["segmentation"], img["height"], img["width"]
@@ -274,10 +309,52 @@ def build_label_map(categories: list[dict[str, Any]]) -> tuple[dict[int, int], l
     return label_to_cat_id, class_names
 
 
+def _clip_half_plane(xy: np.ndarray, axis: int, bound: float, keep_above: bool) -> np.ndarray:
+    """One Sutherland–Hodgman step: polygon ``xy`` (K, 2) cut to ``x[axis] >= bound`` (or
+    ``<=``). Points outside are replaced by the path along the line, so the winding number of
+    every point on the kept side, hence the rasterised mask there, stays the same."""
+    if len(xy) == 0:
+        return xy
+    a = xy[:, axis]
+    inside = a >= bound if keep_above else a <= bound
+    nxt = np.roll(xy, -1, axis=0)
+    crossing = inside != np.roll(inside, -1)
+    with np.errstate(all="ignore"):  # t is only used where the edge crosses: no 0 / 0 there
+        t = (bound - a) / (nxt[:, axis] - a)
+        cut = xy + t[:, None] * (nxt - xy)
+    cut[:, axis] = bound
+    # For each vertex: itself if inside, then the crossing of its outgoing edge if any.
+    return np.stack([xy, cut], axis=1)[np.stack([inside, crossing], axis=1)]
+
+
+def clip_polygon(polygon: list[Any], height: int, width: int) -> list[float]:
+    """``polygon`` ``[x1, y1, ...]`` cut to the box one image size around the image.
+
+    pycocotools' rasteriser walks every pixel step of every edge, in ints: a point 1e8 pixels
+    away takes half a minute, a larger one overflows and crashes it. Polygons that stay within
+    the box (all real ones) are returned unchanged; for the others the mask inside the image
+    is the same up to rounding (new vertices lie on the box, at least one image size away).
+    """
+    xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+    low, high = np.array([-width, -height], float), np.array([2 * width, 2 * height], float)
+    if ((xy >= low) & (xy <= high)).all():
+        return polygon
+    for axis in (0, 1):
+        xy = _clip_half_plane(xy, axis, low[axis], keep_above=True)
+        xy = _clip_half_plane(xy, axis, high[axis], keep_above=False)
+    # Coordinates near the float limit make the crossings imprecise, even NaN: such input
+    # has no meaningful shape, but it must still reach pycocotools finite and in the box.
+    xy = np.clip(np.nan_to_num(xy), low, high)
+    if len(xy) < 3:  # wholly outside: a degenerate triangle at the box corner, no pixels
+        xy = np.repeat(low[None], 3, axis=0)
+    return [float(v) for v in xy.reshape(-1)]
+
+
 def segmentation_to_rle(segm: list[Any] | dict[str, Any], height: int, width: int) -> Any:
     """Converts a validated COCO segmentation into one compressed RLE dict for pycocotools."""
     if isinstance(segm, list):
-        return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+        polygons = [clip_polygon(p, height, width) for p in segm]
+        return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
     if isinstance(segm["counts"], list):
         return mask_utils.frPyObjects(segm, height, width)
     return {"size": segm["size"], "counts": segm["counts"]}
@@ -299,6 +376,11 @@ class CocoDataset(Dataset[tuple[Any, Any]]):
     is empty are dropped (``maskrcnn data check`` reports them). With ``search_subfolders``, an
     image missing at ``image_root/file_name`` is looked up by basename anywhere under
     ``image_root``.
+
+    A ``file_name`` that is absolute or has a ``..`` part is refused at load time unless
+    ``allow_outside_root``: an annotation file from elsewhere must not make the loader read
+    files outside ``image_root``. Images of more than ``max_image_pixels`` pixels are refused
+    when read (``None``: no limit but PIL's own).
     """
 
     def __init__(
@@ -308,14 +390,24 @@ class CocoDataset(Dataset[tuple[Any, Any]]):
         transforms: Transforms | None = None,
         skip_crowd: bool = True,
         search_subfolders: bool = False,
+        allow_outside_root: bool = False,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
         self.ann_file = Path(ann_file)
         self.image_root = Path(image_root) if image_root is not None else self.ann_file.parent
         self.transforms = transforms
         self.skip_crowd = skip_crowd
+        self.max_image_pixels = max_image_pixels
         self.coco_json = load_coco_json(self.ann_file)
         for problem in iter_structure_problems(self.coco_json):
             raise DatasetError(f"{self.ann_file}: {problem.message}")
+        for img in self.coco_json["images"]:
+            if not allow_outside_root and escapes_root(img["file_name"]):
+                raise DatasetError(
+                    f"{self.ann_file}: image id {img['id']}: file_name {img['file_name']!r} is "
+                    f"absolute or has a '..' part, so it may point outside the image root "
+                    f"{self.image_root}; pass allow_outside_root=True if you trust this file"
+                )
         self._images: list[dict[str, Any]] = list(self.coco_json["images"])
         self.image_ids: list[int] = [img["id"] for img in self._images]
         position = {image_id: k for k, image_id in enumerate(self.image_ids)}
@@ -343,7 +435,7 @@ class CocoDataset(Dataset[tuple[Any, Any]]):
         """Where image ``index`` is read from (after the basename search, if enabled)."""
         file_name = self._images[index]["file_name"]
         path = self.image_root / file_name
-        if self._basename_index is None or path.is_file():
+        if self._basename_index is None or _is_file(path):
             return path
         found = self._basename_index.get(Path(file_name).name, [])
         if len(found) > 1:
@@ -356,7 +448,7 @@ class CocoDataset(Dataset[tuple[Any, Any]]):
     def _read(self, index: int) -> torch.Tensor:
         img = self._images[index]
         try:
-            image = read_image(self.image_path(index))
+            image = read_image(self.image_path(index), self.max_image_pixels)
         except DatasetError as e:
             hint = "" if self._basename_index is not None else " (try search_subfolders=True)"
             raise DatasetError(f"{self.ann_file}: image id {img['id']}: {e}{hint}") from e
@@ -386,14 +478,17 @@ class CocoDataset(Dataset[tuple[Any, Any]]):
             return _empty_target(height, width)
         rles = [segmentation_to_rle(a["segmentation"], height, width) for a in anns]
         mask_boxes, mask_areas = mask_utils.toBbox(rles), mask_utils.area(rles)
-        boxes = np.zeros((len(anns), 4), dtype=np.float32)
-        areas = np.zeros(len(anns), dtype=np.float32)
+        # float64 until clipped: a valid (finite) but absurd bbox or area overflows float32.
+        boxes64 = np.zeros((len(anns), 4), dtype=np.float64)
+        areas64 = np.zeros(len(anns), dtype=np.float64)
         for k, ann in enumerate(anns):
             x, y, w, h = ann["bbox"] if ann.get("bbox") is not None else mask_boxes[k]
-            boxes[k] = (x, y, x + w, y + h)
-            areas[k] = ann["area"] if "area" in ann else mask_areas[k]
-        boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
-        boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+            boxes64[k] = (x, y, x + w, y + h)
+            areas64[k] = ann["area"] if "area" in ann else mask_areas[k]
+        boxes64[:, 0::2] = boxes64[:, 0::2].clip(0, width)
+        boxes64[:, 1::2] = boxes64[:, 1::2].clip(0, height)
+        boxes = boxes64.astype(np.float32)
+        areas = areas64.clip(0, np.finfo(np.float32).max).astype(np.float32)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         kept_rles = [rle for rle, k in zip(rles, keep, strict=True) if k]
         masks = np.zeros((0, height, width), dtype=np.uint8)
@@ -411,6 +506,13 @@ class CocoDataset(Dataset[tuple[Any, Any]]):
             "iscrowd": torch.tensor(np.asarray(crowd, dtype=np.int64)[keep]),
             "area": torch.from_numpy(areas[keep]),
         }
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a path longer than the OS allows: read_image will say so
+        return False
 
 
 def _empty_target(height: int, width: int) -> Target:

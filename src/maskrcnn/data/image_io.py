@@ -15,14 +15,22 @@ from maskrcnn.data.errors import DatasetError
 # height swapped with respect to the stored pixel array.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
+# The default pixel limit of read_image: PIL's own warning threshold (about 9459x9459, 268 MB
+# as RGB), so that everything PIL would warn about is refused with a clear message instead.
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 def _check_file(path: Path) -> None:
-    if not path.exists():
+    try:
+        exists, is_file = path.exists(), path.is_file()
+        size = path.stat().st_size if is_file else 0
+    except OSError as e:  # e.g. a path longer than the OS allows
+        raise DatasetError(f"{path}: cannot access the image file ({e.strerror})") from e
+    if not exists:
         raise DatasetError(f"{path}: image file not found")
-    if not path.is_file():
+    if not is_file:
         raise DatasetError(f"{path}: not a regular file")
-    if path.stat().st_size == 0:
+    if size == 0:
         raise DatasetError(f"{path}: image file is empty (0 bytes)")
 
 
@@ -45,30 +53,49 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def read_image(path: str | Path) -> torch.Tensor:
+def read_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> torch.Tensor:
     """Reads an image file as RGB.
 
     EXIF orientation is applied, so the result is upright as an image viewer shows it.
     Grayscale, RGBA, palette, CMYK and 16-bit images are converted to 8-bit RGB.
 
+    An image of more than ``max_pixels`` pixels (width x height from the header) is refused
+    before any pixel is decoded: a 12000x9000 file would take 324 MB as uint8 and four times
+    that as float. ``None`` lifts the limit, up to PIL's own decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``, twice of which PIL refuses by itself).
+
     Returns:
         ``(3, H, W)`` uint8 tensor, contiguous.
 
     Raises:
-        DatasetError: naming the path, for a missing, empty, truncated or non-image file.
+        DatasetError: naming the path, for a missing, empty, truncated, too large or non-image
+            file.
     """
     path = Path(path)
     _check_file(path)
     try:
         with Image.open(path) as img:
+            _check_pixels(path, img.size, max_pixels)
             # load() inside the try: a truncated file opens fine and fails only on decoding.
             img.load()
             array = np.array(_to_rgb(ImageOps.exif_transpose(img)), dtype=np.uint8)
     except UnidentifiedImageError as e:
         raise DatasetError(f"{path}: not an image file PIL can read") from e
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"{path}: image too large: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{path}: cannot decode image ({e})") from e
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise DatasetError(
+            f"{path}: image too large: {width}x{height} (WxH) is {width * height / 1e6:.1f} "
+            f"megapixels, more than the limit of {max_pixels / 1e6:.1f}; downscale the file or "
+            f"raise the limit (max_image_pixels)"
+        )
 
 
 def read_image_size(path: str | Path) -> tuple[int, int]:
@@ -88,6 +115,8 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
             orientation = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
     except UnidentifiedImageError as e:
         raise DatasetError(f"{path}: not an image file PIL can read") from e
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"{path}: image too large: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{path}: cannot read image header ({e})") from e
     if orientation in _TRANSPOSING_ORIENTATIONS:

@@ -279,6 +279,16 @@ class CocoEvaluator:
                     f"the ground-truth image is {expected[0]}x{expected[1]}"
                 )
 
+    def add_results(self, results: Sequence[dict[str, Any]], image_ids: Sequence[int]) -> None:
+        """Adds COCO results already converted (e.g. gathered from other processes) for
+        ``image_ids``; results of an image already seen are ignored."""
+        seen = set(self._image_ids)
+        fresh = [int(i) for i in dict.fromkeys(image_ids) if int(i) not in seen]
+        keep = set(fresh)
+        self._results.extend(r for r in results if r["image_id"] in keep)
+        self._image_ids.extend(fresh)
+        self._metrics = None
+
     def results_json(self) -> list[dict[str, Any]]:
         """The accumulated COCO results (bbox and, with segm, an RLE ``segmentation``)."""
         return copy.deepcopy(self._results)

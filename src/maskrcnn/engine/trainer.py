@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -13,19 +14,21 @@ from typing import Any
 import torch
 import yaml
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from maskrcnn.config import TrainConfig, to_dict
+from maskrcnn.config import DataConfig, TrainConfig, to_dict
 from maskrcnn.data.loader import build_loader
 from maskrcnn.engine.batches import training_loader
 from maskrcnn.engine.build import (
     build_datasets,
     build_model,
-    pick_device,
     resolve_model_config,
     synthetic_data,
 )
 from maskrcnn.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from maskrcnn.engine.distributed import barrier, device_for, gather_objects, init_distributed
 from maskrcnn.engine.evaluation import evaluate
 from maskrcnn.engine.logging import MetricsLogger, read_metrics, truncate_after
 from maskrcnn.engine.plots import plot_ap, plot_losses
@@ -43,11 +46,12 @@ class Trainer:
     """Trains ``cfg`` end to end; ``resume=True`` continues from ``<output_dir>/last.pth``."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> None:
+        self.dist = init_distributed(cfg.run.dist_timeout_s)
         if cfg.data.train_json is None:
-            cfg = dataclasses.replace(cfg, data=synthetic_data(cfg))
+            cfg = dataclasses.replace(cfg, data=self.synthetic(cfg))
         self.out = Path(cfg.run.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.device = pick_device(cfg.run.device)
+        self.device = device_for(self.dist, cfg.run.device)
         torch.manual_seed(cfg.run.seed)
         self.train_set, self.val_set = build_datasets(cfg.data)
         cfg = dataclasses.replace(
@@ -55,32 +59,51 @@ class Trainer:
         )
         self.cfg = cfg
         self.precision = resolve_precision(cfg.solver.precision, self.device)
-        self.model = build_model(cfg.model, self.device)
-        lr = effective_lr(cfg.solver, cfg.data.batch_size)
-        self.optimizer = build_optimizer(self.model, cfg.solver, lr)
+        self.net = build_model(cfg.model, self.device)
+        self.model: torch.nn.Module = self.net
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.net, device_ids=ids)
+        lr = effective_lr(cfg.solver, cfg.data.batch_size, self.dist.world_size)
+        self.optimizer = build_optimizer(self.net, cfg.solver, lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.solver)
         self.scaler = grad_scaler(self.precision, self.device)
-        base = build_loader(
-            self.train_set,
-            cfg.data.batch_size,
-            shuffle=True,
-            num_workers=cfg.data.num_workers,
-            aspect_ratio_grouping=cfg.data.aspect_ratio_grouping,
-            seed=cfg.run.seed,
-            drop_last=True,
-        )
-        self.loader = training_loader(base, cfg.run.seed, cfg.data.on_bad_sample == "skip")
+        self.loader = self.build_loader()
         self.iteration, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best_ap, self.skipped_samples, self.nonfinite_skips = -1.0, 0, 0
         self.last_metrics: dict[str, Any] = {}
-        self.show_progress = show_progress
+        self.show_progress = show_progress and self.dist.is_main
+        # Ranks draw different anchors and RoIs; data augmentation is seeded per sample.
+        torch.manual_seed(cfg.run.seed + self.dist.rank)
         if resume and (self.out / "last.pth").is_file():
             self.load(self.out / "last.pth")
-        else:
-            torch.manual_seed(cfg.run.seed)
-        self.logger = MetricsLogger(self.out)
-        truncate_after(self.logger.path, self.iteration)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.logger = MetricsLogger(self.out, enabled=self.dist.is_main)
+        if self.dist.is_main:
+            truncate_after(self.logger.path, self.iteration)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    def synthetic(self, cfg: TrainConfig) -> DataConfig:
+        """The embedded dataset, generated once by the main process."""
+        if self.dist.is_main:
+            data = synthetic_data(cfg)
+        barrier(self.dist)
+        return data if self.dist.is_main else synthetic_data(cfg)
+
+    def build_loader(self) -> DataLoader[Any]:
+        d = self.cfg.data
+        base = build_loader(
+            self.train_set,
+            d.batch_size,
+            shuffle=True,
+            num_workers=d.num_workers,
+            aspect_ratio_grouping=d.aspect_ratio_grouping,
+            seed=self.cfg.run.seed,
+            drop_last=True,
+            distributed=self.dist.enabled,
+            num_replicas=self.dist.world_size,
+            rank=self.dist.rank,
+        )
+        return training_loader(base, self.cfg.run.seed, d.on_bad_sample == "skip")
 
     def batches(self) -> Iterator[tuple[list[Tensor], list[dict[str, Any]]]]:
         """Micro-batches forever, epoch after epoch, starting where a resumed run stopped."""
@@ -132,21 +155,25 @@ class Trainer:
         k = self.cfg.solver.accumulation_steps
         totals: dict[str, float] = {}
         self.optimizer.zero_grad(set_to_none=True)
-        for _ in range(k):
+        for micro in range(k):
             images, targets = next(stream)
             images = [im.to(self.device, non_blocking=True) for im in images]
             targets = [
                 {n: v.to(self.device) if isinstance(v, Tensor) else v for n, v in t.items()}
                 for t in targets
             ]
-            with autocast(self.precision, self.device):
-                losses = self.model(images, targets)
-            loss = sum(losses.values())
-            assert isinstance(loss, Tensor)
-            if not torch.isfinite(loss):
-                self.nonfinite(losses, targets)
-                return {"loss": float("nan")}
-            self.scaler.scale(loss / k).backward()
+            # DDP averages gradients across processes on the last micro-batch only.
+            sync = micro == k - 1 or not self.dist.enabled
+            no_sync: Any = contextlib.nullcontext() if sync else self.model.no_sync()  # type: ignore[operator]
+            with no_sync:
+                with autocast(self.precision, self.device):
+                    losses = self.model(images, targets)
+                loss = sum(losses.values())
+                assert isinstance(loss, Tensor)
+                if not torch.isfinite(loss):
+                    self.nonfinite(losses, targets)
+                    return {"loss": float("nan")}
+                self.scaler.scale(loss / k).backward()
             for name, value in {**losses, "loss": loss}.items():
                 totals[name] = totals.get(name, 0.0) + float(value.detach()) / k
         if self.cfg.solver.grad_clip_norm:
@@ -185,13 +212,14 @@ class Trainer:
         if self.val_set is None:
             return {}
         metrics = evaluate(
-            self.model,
+            self.net,
             self.val_set,
             self.device,
             batch_size=self.cfg.data.batch_size,
             overlay_dir=self.out / "overlays",
             num_overlays=self.cfg.run.num_overlays,
             show_progress=self.show_progress,
+            dist=self.dist,
         )
         self.model.train()
         flat = {
@@ -208,7 +236,9 @@ class Trainer:
         return metrics
 
     def finish(self) -> None:
-        """Plots and metrics.json in the run folder."""
+        """Plots and metrics.json in the run folder (by the main process)."""
+        if not self.dist.is_main:
+            return
         records = read_metrics(self.logger.path)
         plot_losses(records, self.out / "loss_curves.png")
         if any(r["kind"] == "eval" for r in records):
@@ -219,7 +249,7 @@ class Trainer:
 
     def state(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
+            "model": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -227,22 +257,31 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "best_ap": self.best_ap,
-            "rng": rng_state(),
+            "rng": self.rng_states(),
             "config": to_dict(self.cfg),
             "class_names": list(self.train_set.class_names),
             "label_to_cat_id": dict(self.train_set.label_to_cat_id),
         }
 
+    def rng_states(self) -> list[dict[str, Any]]:
+        """Every process's random state (a collective call: all ranks take part)."""
+        return gather_objects(rng_state(), self.dist)
+
     def save(self, path: Path) -> None:
-        save_checkpoint(self.state(), path)
+        """Only the main process writes; all gather their RNG states for it."""
+        state = self.state()
+        if self.dist.is_main:
+            save_checkpoint(state, path)
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
-        self.model.load_state_dict(state["model"])
+        self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.iteration, self.epoch = state["iteration"], state["epoch"]
         self.batch_in_epoch, self.best_ap = state["batch_in_epoch"], state["best_ap"]
-        set_rng_state(state["rng"])
+        rngs = state["rng"]
+        # A run resumed with as many processes as it had continues every stream exactly.
+        set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
         log.info("resumed from %s at iteration %d", path, self.iteration)

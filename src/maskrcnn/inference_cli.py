@@ -1,0 +1,319 @@
+"""The ``maskrcnn predict`` and ``maskrcnn eval`` commands."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from torch import Tensor
+from tqdm import tqdm
+
+from maskrcnn.data.coco import CocoDataset
+from maskrcnn.data.errors import DatasetError
+from maskrcnn.data.image_io import read_image
+from maskrcnn.engine.checkpoint import CheckpointError
+from maskrcnn.engine.evaluator import CocoEvaluator
+from maskrcnn.engine.summary import KEYS, format_metrics
+from maskrcnn.predictor import Prediction, Predictor, to_float_image
+from maskrcnn.tta import TTAConfig
+from maskrcnn.visualize import draw_instances, save_overlay
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+
+
+class Skipped(NamedTuple):
+    """An input that gave no prediction, and why."""
+
+    file_name: str
+    reason: str
+
+
+def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[Skipped]]:
+    """Files named, image files under folders (recursively) and files matching glob patterns
+    (``**`` allowed): sorted, without duplicates; and the inputs that matched nothing."""
+    found: set[Path] = set()
+    unmatched = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found.update(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+        elif path.is_file():
+            found.add(path)
+        else:
+            matches = [Path(m) for m in glob.glob(item, recursive=True)]
+            files = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_EXTENSIONS]
+            if not files:
+                unmatched.append(Skipped(item, "no such file or folder, and no image matches it"))
+            found.update(files)
+    return sorted(found), unmatched
+
+
+def overlay_names(files: Sequence[Path]) -> dict[Path, str]:
+    """``<stem>.png`` per file; ``<stem>_<image id>.png`` where stems repeat."""
+    counts = Counter(p.stem for p in files)
+    return {
+        p: f"{p.stem}.png" if counts[p.stem] == 1 else f"{p.stem}_{k}.png"
+        for k, p in enumerate(files, start=1)
+    }
+
+
+def tta_from_args(args: argparse.Namespace) -> TTAConfig | None:
+    if not args.tta:
+        return None
+    scales = tuple(float(s) for s in args.tta_scales.split(","))
+    return TTAConfig(hflip=True, vflip=args.tta_vflip, scales=scales, merge=args.tta_merge)
+
+
+def load_predictor(args: argparse.Namespace, score_thresh: float) -> Predictor | None:
+    """The checkpoint's predictor, or None after printing why it cannot be loaded."""
+    try:
+        return Predictor.from_checkpoint(
+            args.checkpoint, device=args.device, score_thresh=score_thresh, tta=tta_from_args(args)
+        )
+    except (CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+
+
+class PredictionWriter:
+    """Collects the COCO results of ``maskrcnn predict`` and writes overlays as it goes."""
+
+    def __init__(self, predictor: Predictor, out: Path, overlays: dict[Path, str] | None) -> None:
+        self.predictor = predictor
+        self.out = out
+        self.overlays = overlays
+        self.images: list[dict[str, Any]] = []
+        self.annotations: list[dict[str, Any]] = []
+        self.seconds = 0.0
+
+    def run(self, batch: list[tuple[int, Path, Tensor]]) -> None:
+        """Predicts a batch of (image id, path, (3, H, W) uint8 image) and records it."""
+        start = time.perf_counter()
+        predictions = self.predictor.predict_batch([to_float_image(b[2]) for b in batch])
+        self.seconds += time.perf_counter() - start
+        for (image_id, path, image), pred in zip(batch, predictions, strict=True):
+            height, width = pred.image_size
+            self.images.append(
+                {"id": image_id, "file_name": str(path), "height": height, "width": width}
+            )
+            for result in pred.to_coco(image_id, self.predictor.label_to_cat_id):
+                self.annotations.append({"id": len(self.annotations) + 1, **result})
+            if self.overlays is not None:
+                self.save_overlay(image, pred, self.out / "overlays" / self.overlays[path])
+
+    def save_overlay(self, image: Tensor, pred: Prediction, path: Path) -> None:
+        names = self.predictor.class_names
+        picture = draw_instances(image, pred.boxes, pred.labels, pred.scores, pred.masks, names)
+        save_overlay(picture, path)
+
+    def categories(self) -> list[dict[str, Any]]:
+        names = self.predictor.class_names or []
+        mapping = self.predictor.label_to_cat_id or {k: k for k in range(1, len(names))}
+        return [{"id": cat, "name": self.predictor.name(label)} for label, cat in mapping.items()]
+
+    def write(self, skipped: list[Skipped]) -> Path:
+        path = self.out / "predictions.json"
+        data = {
+            "images": self.images,
+            "categories": self.categories(),
+            "annotations": self.annotations,
+            "skipped": [s._asdict() for s in skipped],
+        }
+        path.write_text(json.dumps(data))
+        return path
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    predictor = load_predictor(args, args.score_thresh)
+    if predictor is None:
+        return 1
+    files, skipped = find_images(args.inputs)
+    for s in skipped:
+        print(f"skipped {s.file_name}: {s.reason}", file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = PredictionWriter(predictor, out, overlay_names(files) if args.overlays else None)
+    batch: list[tuple[int, Path, Tensor]] = []
+    for image_id, path in enumerate(tqdm(files, desc="predict", unit="img"), start=1):
+        try:
+            batch.append((image_id, path, read_image(path)))
+        except DatasetError as err:
+            skipped.append(Skipped(str(path), str(err)))
+            tqdm.write(f"skipped {err}", file=sys.stderr)
+        if len(batch) == args.batch_size:
+            writer.run(batch)
+            batch = []
+    if batch:
+        writer.run(batch)
+    print(predict_summary(writer, skipped, writer.write(skipped)))
+    return 0 if writer.images else 1
+
+
+def predict_summary(writer: PredictionWriter, skipped: list[Skipped], json_path: Path) -> str:
+    done = len(writer.images)
+    per_image = writer.seconds / done if done else 0.0
+    lines = [
+        f"predicted {done} images, skipped {len(skipped)}, "
+        f"{len(writer.annotations)} detections, {per_image:.3f} s per image",
+        *(f"  skipped {s.file_name}: {s.reason}" for s in skipped),
+        f"results: {json_path}",
+    ]
+    if writer.overlays is not None and done:
+        lines.append(f"overlays: {writer.out / 'overlays'}")
+    return "\n".join(lines)
+
+
+def _dataset_batches(
+    dataset: CocoDataset, batch_size: int, skipped: dict[int, str], desc: str
+) -> Iterator[tuple[list[int], list[Tensor]]]:
+    """(image ids, (3, H, W) uint8 images) of ``dataset``; unreadable images are recorded in
+    ``skipped`` (image id → reason), reported once, and left out."""
+    ids: list[int] = []
+    images: list[Tensor] = []
+    for index in tqdm(range(len(dataset)), desc=desc, unit="img"):
+        try:
+            image, target = dataset[index]
+        except DatasetError as err:
+            if dataset.image_ids[index] not in skipped:
+                tqdm.write(f"skipped {err}", file=sys.stderr)
+            skipped[dataset.image_ids[index]] = str(err)
+            continue
+        ids.append(int(target["image_id"]))
+        images.append(image)
+        if len(ids) == batch_size:
+            yield ids, images
+            ids, images = [], []
+    if ids:
+        yield ids, images
+
+
+def evaluate_predictor(
+    predictor: Predictor,
+    dataset: CocoDataset,
+    batch_size: int,
+    skipped: dict[int, str],
+    desc: str = "eval",
+) -> tuple[CocoEvaluator, float, int]:
+    """A CocoEvaluator fed with the predictor's output on ``dataset``, the model's seconds
+    per image, and the number of images evaluated."""
+    label_map = predictor.label_to_cat_id or dataset.label_to_cat_id
+    evaluator = CocoEvaluator(dataset.coco_json, label_to_cat_id=label_map)
+    seconds, done = 0.0, 0
+    for ids, images in _dataset_batches(dataset, batch_size, skipped, desc):
+        start = time.perf_counter()
+        preds = predictor.predict_batch([to_float_image(im) for im in images])
+        seconds += time.perf_counter() - start
+        fields = [{"boxes": p.boxes, "labels": p.labels, "scores": p.scores, "masks": p.masks}
+                  for p in preds]
+        evaluator.update(fields, ids)
+        done += len(ids)
+    return evaluator, seconds / max(done, 1), done
+
+
+def format_comparison(rows: Sequence[tuple[str, dict[str, Any], float]]) -> str:
+    """One line per IoU type and run (``rows``: name, metrics, seconds per image)."""
+    lines = [f"{'':10}" + "".join(f"{k:>8}" for k in KEYS) + f"{'s/img':>9}"]
+    for iou_type in ("bbox", "segm"):
+        for name, metrics, seconds in rows:
+            values = "".join(f"{metrics[iou_type][k]:8.3f}" for k in KEYS)
+            lines.append(f"{(iou_type + ' ' + name).strip():10}{values}{seconds:9.3f}")
+    return "\n".join(lines)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    predictor = load_predictor(args, score_thresh=0.0)
+    if predictor is None:
+        return 1
+    try:
+        dataset = CocoDataset(args.data, args.images, search_subfolders=args.search_subfolders)
+    except DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+    runs: list[tuple[str, TTAConfig | None, Path]] = [("", None, out)]
+    if predictor.tta is not None:
+        runs.append(("TTA", predictor.tta, out / "tta"))
+    skipped: dict[int, str] = {}
+    rows: list[tuple[str, dict[str, Any], float]] = []
+    for name, tta, folder in runs:
+        predictor.tta = tta
+        evaluator, seconds, done = evaluate_predictor(
+            predictor, dataset, args.batch_size, skipped, desc=f"eval {name}".strip()
+        )
+        if done == 0:
+            print(f"error: none of the {len(dataset)} images could be read", file=sys.stderr)
+            return 1
+        rows.append((name, evaluator.save(folder), seconds))
+    print(f"evaluated {done} images of {args.data}, skipped {len(skipped)}")
+    for image_id, reason in skipped.items():
+        print(f"  skipped image id {image_id}: {reason}")
+    if len(rows) == 1:
+        print(format_metrics(rows[0][1]))
+        print(f"{rows[0][2]:.3f} s per image")
+    else:
+        print(format_comparison(rows))
+    print(f"metrics and PR curves: {', '.join(str(r[2]) for r in runs)}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint written by `maskrcnn train`")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if present)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+                   help="images per batch (default 1)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (hflip)")
+    p.add_argument("--tta-vflip", action="store_true", help="with --tta: vertical flips too")
+    p.add_argument("--tta-scales", default="1.0", metavar="S,S",
+                   help="with --tta: scales of the model's input size (default 1.0)")
+    p.add_argument("--tta-merge", choices=("nms", "wbf"), default="nms",
+                   help="with --tta: merge boxes by per-class NMS or weighted box fusion")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Adds ``predict`` and ``eval`` to a CLI; each sets ``args.func(args) -> int``."""
+    p = subparsers.add_parser(
+        "predict", help="predict instances on images, folders or globs",
+        description="Write OUT/predictions.json (COCO results with RLE masks, plus the "
+        "images they belong to) and, with --overlays, OUT/overlays/*.png. Unreadable images "
+        "are reported and skipped; exit code 1 when no image could be predicted.",
+    )
+    _add_common(p)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--score-thresh", type=float, default=0.5, metavar="T",
+                   help="keep detections scoring at least T (default 0.5)")
+    p.add_argument("--overlays", action="store_true", help="write an overlay PNG per image")
+    p.set_defaults(func=_run_predict)
+
+    e = subparsers.add_parser(
+        "eval", help="COCO box and mask AP of a checkpoint",
+        description="COCO box and mask AP on a dataset; writes metrics.json and PR curves. "
+        "With --tta: AP and seconds per image without and with TTA, side by side.",
+    )
+    _add_common(e)
+    e.add_argument("--data", required=True, metavar="VAL.json", help="COCO annotation file")
+    e.add_argument("--images", default=None, metavar="DIR",
+                   help="image root (default: the JSON's folder)")
+    e.add_argument("--search-subfolders", action="store_true",
+                   help="find images by basename in subfolders of DIR")
+    e.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default: CKPT's folder/eval; TTA results in DIR/tta)")
+    e.set_defaults(func=_run_eval)

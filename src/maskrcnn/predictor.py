@@ -1,0 +1,250 @@
+"""The Predictor: images in any common form → detections with binary masks.
+
+Separate from the model (as in segment-anything): the model is an ``nn.Module`` with
+torchvision's interface; the Predictor reads and converts inputs, batches them, picks the
+device, runs the model (optionally with test-time augmentation) under ``inference_mode`` and
+turns its output into :class:`Prediction` objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeAlias, cast
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from maskrcnn.config import ModelConfig, from_dict
+from maskrcnn.data.image_io import read_image
+from maskrcnn.engine.checkpoint import CheckpointError, load_checkpoint
+from maskrcnn.engine.coco_results import prediction_to_coco
+from maskrcnn.model.mask_rcnn import MaskRCNN
+from maskrcnn.model.validation import check_images
+from maskrcnn.tta import TTAConfig, tta_predict
+
+ImageInput: TypeAlias = str | Path | Image.Image | np.ndarray | Tensor
+
+
+def to_float_image(image: ImageInput) -> Tensor:
+    """A path, PIL image, (H, W[, C]) numpy array (uint8, or float in [0, 1]) or (3, H, W)
+    tensor (uint8, or float in [0, 1]) → (3, H, W) float32 in [0, 1], on the CPU unless the
+    tensor given was elsewhere. Grey images become RGB; an alpha channel is dropped."""
+    if isinstance(image, (str, Path)):
+        return read_image(image).float() / 255
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        array = image[..., None] if image.ndim == 2 else image
+        if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"numpy images must be (H, W) or (H, W, 1|3|4), got {image.shape}")
+        # A copy: arrays may be read-only (PIL's are), which torch.from_numpy warns about.
+        tensor = torch.from_numpy(np.array(array[..., :3])).permute(2, 0, 1)
+        return _tensor_to_float(tensor.expand(3, -1, -1), "numpy array")
+    if isinstance(image, Tensor):
+        tensor = image.as_subclass(Tensor)
+        if tensor.ndim != 3 or tensor.shape[0] != 3:
+            raise ValueError(
+                f"tensor images must be (3, H, W), got {tuple(tensor.shape)}; "
+                "pass a 4-D batch as a list of images"
+            )
+        return _tensor_to_float(tensor, "tensor")
+    raise TypeError(
+        f"unsupported image type {type(image).__name__}: use a path, PIL image, "
+        "numpy HWC array or (3, H, W) tensor"
+    )
+
+
+def _tensor_to_float(tensor: Tensor, kind: str) -> Tensor:
+    if tensor.dtype == torch.uint8:
+        return tensor.float() / 255
+    if not tensor.is_floating_point():
+        raise ValueError(f"{kind} images must be uint8 or float in [0, 1], got {tensor.dtype}")
+    if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
+        raise ValueError(
+            f"float {kind} images must be in [0, 1], got values in "
+            f"[{float(tensor.min()):g}, {float(tensor.max()):g}] (divide 0-255 values by 255)"
+        )
+    return tensor.float()
+
+
+@dataclass
+class Prediction:
+    """Detections of one image, best score first, in the image's pixels.
+
+    boxes: (N, 4) float xyxy; labels: (N,) int64 (0 is the background, never predicted);
+    class_names: N names; scores: (N,) float; masks: (N, H, W) bool, the mask probability
+    above the predictor's ``mask_threshold``; mask_probs: (N, H, W) float, kept only with
+    ``return_probs=True``.
+    """
+
+    boxes: Tensor
+    labels: Tensor
+    class_names: list[str]
+    scores: Tensor
+    masks: Tensor
+    mask_probs: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the image the prediction is for."""
+        return int(self.masks.shape[-2]), int(self.masks.shape[-1])
+
+    def to_numpy(self) -> dict[str, Any]:
+        """Arrays: boxes (N, 4) float32, labels (N,) int64, scores (N,) float32, masks
+        (N, H, W) bool, mask_probs (N, H, W) float32 or None; class_names a list."""
+        probs = self.mask_probs
+        return {
+            "boxes": self.boxes.cpu().numpy(),
+            "labels": self.labels.cpu().numpy(),
+            "class_names": list(self.class_names),
+            "scores": self.scores.cpu().numpy(),
+            "masks": self.masks.cpu().numpy(),
+            "mask_probs": None if probs is None else probs.cpu().numpy(),
+        }
+
+    def to_coco(
+        self, image_id: int, label_to_cat_id: Mapping[int, int] | None = None
+    ) -> list[dict[str, Any]]:
+        """COCO results dicts (``image_id``, ``category_id``, ``bbox`` xywh, ``score``,
+        ``segmentation`` compressed RLE); labels map through ``label_to_cat_id`` (None:
+        labels are category ids)."""
+        fields = {"boxes": self.boxes, "labels": self.labels, "scores": self.scores}
+        return prediction_to_coco({**fields, "masks": self.masks}, image_id, label_to_cat_id)
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """``None`` or ``"auto"``: CUDA when available, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Predictor:
+    """Runs ``model`` on images given in any common form; see :meth:`__call__`.
+
+    The model is moved to ``device`` (None: CUDA when available, else CPU) and put in eval
+    mode. Detections scoring below ``score_thresh`` are dropped (the model's own
+    ``box_score_thresh`` applies first), at most ``max_detections`` are kept per image, and
+    masks are binarised at ``mask_threshold``. ``tta``: a :class:`TTAConfig` to predict with
+    test-time augmentation, or None. ``class_names[label]`` names a label (index 0 is the
+    background); ``label_to_cat_id`` maps labels to COCO category ids.
+    """
+
+    def __init__(
+        self,
+        model: MaskRCNN,
+        class_names: Sequence[str] | None = None,
+        label_to_cat_id: Mapping[int, int] | None = None,
+        device: str | torch.device | None = None,
+        score_thresh: float = 0.5,
+        max_detections: int = 100,
+        mask_threshold: float = 0.5,
+        tta: TTAConfig | None = None,
+    ) -> None:
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.class_names = list(class_names) if class_names is not None else None
+        self.label_to_cat_id = dict(label_to_cat_id) if label_to_cat_id is not None else None
+        self.score_thresh = score_thresh
+        self.max_detections = max_detections
+        self.mask_threshold = mask_threshold
+        self.tta = tta
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        score_thresh: float = 0.5,
+        max_detections: int = 100,
+        mask_threshold: float = 0.5,
+        tta: TTAConfig | None = None,
+    ) -> Predictor:
+        """A predictor for a checkpoint written by the trainer (read with
+        ``weights_only=True``); raises :class:`CheckpointError` if it is not one."""
+        state = load_checkpoint(path)
+        config = state.get("config")
+        if "model" not in state or not isinstance(config, dict) or "model" not in config:
+            raise CheckpointError(
+                f"{path}: not a maskrcnn training checkpoint (it needs 'model' weights and "
+                "a 'config' with a 'model' section)"
+            )
+        cfg = from_dict(ModelConfig, config["model"])
+        # The weights come from the checkpoint: never read the ImageNet file of the training
+        # machine, which may not exist here.
+        model = MaskRCNN(dataclasses.replace(cfg, backbone_weights=None))
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: weights do not fit the model config: {err}") from None
+        return cls(
+            model,
+            class_names=state.get("class_names"),
+            label_to_cat_id=state.get("label_to_cat_id"),
+            device=device,
+            score_thresh=score_thresh,
+            max_detections=max_detections,
+            mask_threshold=mask_threshold,
+            tta=tta,
+        )
+
+    def __call__(
+        self,
+        inputs: ImageInput | Sequence[ImageInput],
+        batch_size: int = 1,
+        return_probs: bool = False,
+    ) -> Prediction | list[Prediction]:
+        """Predictions for one image (→ a :class:`Prediction`) or a list (→ a list).
+
+        Each input is a path, a PIL image, a numpy (H, W, 3) uint8 array or a (3, H, W)
+        tensor, uint8 or float in [0, 1]. Images are read and run ``batch_size`` at a time.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        single = not isinstance(inputs, (list, tuple))
+        items = [cast(ImageInput, inputs)] if single else list(cast(Sequence[ImageInput], inputs))
+        out: list[Prediction] = []
+        for start in range(0, len(items), batch_size):
+            images = [to_float_image(x) for x in items[start : start + batch_size]]
+            out += self.predict_batch(images, return_probs)
+        return out[0] if single else out
+
+    def predict_batch(self, images: list[Tensor], return_probs: bool = False) -> list[Prediction]:
+        """Predictions for (3, H, W) float images in [0, 1], run as one batch."""
+        images = [im.to(self.device) for im in check_images(images)]
+        with torch.inference_mode():
+            if self.tta is None:
+                outputs = self.model.predict(images)
+            else:
+                outputs = tta_predict(self.model, images, self.tta)
+        # Selected outside inference mode: the copies are ordinary tensors that callers
+        # may modify in place.
+        return [self._to_prediction(o, return_probs) for o in outputs]
+
+    def _to_prediction(self, output: dict[str, Tensor], return_probs: bool) -> Prediction:
+        keep = torch.where(output["scores"] >= self.score_thresh)[0]
+        keep = keep[output["scores"][keep].argsort(descending=True, stable=True)]
+        keep = keep[: self.max_detections]
+        probs = output["masks"][keep, 0].float().cpu()
+        labels = output["labels"][keep].cpu()
+        return Prediction(
+            boxes=output["boxes"][keep].float().cpu(),
+            labels=labels,
+            class_names=[self.name(int(v)) for v in labels],
+            scores=output["scores"][keep].float().cpu(),
+            masks=probs > self.mask_threshold,
+            mask_probs=probs if return_probs else None,
+        )
+
+    def name(self, label: int) -> str:
+        """The class name of ``label`` (its number as text when unknown)."""
+        names = self.class_names
+        return names[label] if names is not None and 0 <= label < len(names) else str(label)

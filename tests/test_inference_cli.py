@@ -1,0 +1,180 @@
+"""``maskrcnn predict`` and ``maskrcnn eval`` on a checkpoint of a tiny training run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from maskrcnn.cli import main
+from maskrcnn.data.coco import CocoDataset
+from maskrcnn.data.transforms import build_transforms
+from maskrcnn.engine.evaluation import evaluate
+from maskrcnn.engine.trainer import Trainer
+from maskrcnn.inference_cli import find_images, overlay_names
+from maskrcnn.predictor import Predictor
+from tiny_run import tiny_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny convolutions: one thread is faster, and leaves the other core to others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-iteration training run: ``last.pth`` and its synthetic dataset under ``data``."""
+    out = tmp_path_factory.mktemp("run")
+    overrides = ("solver.max_iter=2", "model.fpn_channels=32", "run.num_overlays=0")
+    Trainer(tiny_config(out, *overrides), show_progress=False).train()
+    return out
+
+
+@pytest.fixture()
+def folder(run: Path, tmp_path: Path) -> Path:
+    """Three valid images (one in a subfolder), a truncated JPEG, a 0-byte file, a text file."""
+    pngs = sorted((run / "data" / "val").glob("*.png"))[:3]
+    root = tmp_path / "images"
+    (root / "nested").mkdir(parents=True)
+    shutil.copy(pngs[0], root / "a.png")
+    shutil.copy(pngs[1], root / "c.png")
+    shutil.copy(pngs[2], root / "nested" / "d.png")
+    Image.open(pngs[0]).save(tmp_path / "whole.jpg", quality=95)
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (root / "b_truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_predict_skips_bad_images_and_names_them(
+    run: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = ["predict", str(run / "last.pth"), str(folder), "--out", str(out), "--overlays",
+            "--score-thresh", "0.0", "--batch-size", "2"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    data = json.loads((out / "predictions.json").read_text())
+    names = [Path(im["file_name"]).name for im in data["images"]]
+    assert names == ["a.png", "c.png", "d.png"]  # sorted; ids follow the sorted file list
+    assert [im["id"] for im in data["images"]] == [1, 3, 5]
+    assert all(im["height"] == im["width"] == 64 for im in data["images"])
+    skipped = {Path(s["file_name"]).name: s["reason"] for s in data["skipped"]}
+    assert set(skipped) == {"b_truncated.jpg", "empty.jpg"}
+    assert "0 bytes" in skipped["empty.jpg"] and "decode" in skipped["b_truncated.jpg"]
+    summary = captured.out
+    assert "predicted 3 images, skipped 2" in summary and "s per image" in summary
+    for name in ("b_truncated.jpg", "empty.jpg"):
+        assert name in summary and name in captured.err
+    annotations = data["annotations"]
+    assert annotations and {a["image_id"] for a in annotations} <= {1, 3, 5}
+    assert {"bbox", "score", "category_id", "segmentation"} <= set(annotations[0])
+    assert annotations[0]["segmentation"]["size"] == [64, 64]
+    assert [c["name"] for c in data["categories"]] == ["circle", "rectangle", "triangle"]
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["a.png", "c.png", "d.png"]
+
+
+def test_predict_results_equal_the_predictor(run: Path, folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["predict", str(run / "last.pth"), str(folder / "a.png"), "--out", str(out)]) == 0
+    data = json.loads((out / "predictions.json").read_text())
+    pred = Predictor.from_checkpoint(run / "last.pth")(folder / "a.png")
+    assert not isinstance(pred, list)
+    expected = pred.to_coco(1, {1: 1, 2: 2, 3: 3})
+    assert [a["score"] for a in data["annotations"]] == [r["score"] for r in expected]
+    assert [a["segmentation"] for a in data["annotations"]] == [r["segmentation"] for r in expected]
+
+
+def test_predict_exit_code_when_nothing_can_be_read(
+    run: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = str(run / "last.pth")
+    bad = [str(folder / "empty.jpg"), str(tmp_path / "nowhere" / "*.png")]
+    assert main(["predict", ckpt, *bad, "--out", str(tmp_path / "o")]) == 1
+    out = capsys.readouterr().out
+    assert "predicted 0 images, skipped 2" in out and "nowhere" in out
+    assert main(["predict", str(tmp_path / "none.pth"), str(folder), "--out", "x"]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_find_images_takes_files_folders_and_globs(folder: Path) -> None:
+    files, unmatched = find_images([str(folder / "*.png"), str(folder / "nested"),
+                                    str(folder / "a.png"), str(folder / "zz*.png")])
+    assert [p.name for p in files] == ["a.png", "c.png", "d.png"]
+    assert [u.file_name for u in unmatched] == [str(folder / "zz*.png")]
+    recursive, _ = find_images([str(folder / "**" / "*.png")])
+    assert len(recursive) == 3
+    names = overlay_names([Path("x/a.png"), Path("y/a.png"), Path("y/b.jpg")])
+    assert list(names.values()) == ["a_1.png", "a_2.png", "b.png"]
+
+
+def _self_labelled(run: Path, out: Path) -> Path:
+    """The val set re-labelled with the model's own top-3 detections per image, so that AP
+    is far from 0 and a mix-up of ids, labels or mask sizes would show."""
+    predictor = Predictor.from_checkpoint(run / "last.pth", score_thresh=0.0)
+    coco = json.loads((run / "data" / "val.json").read_text())
+    annotations: list[dict[str, Any]] = []
+    for image in coco["images"]:
+        pred = predictor(run / "data" / image["file_name"])
+        assert not isinstance(pred, list)
+        for k, result in enumerate(pred.to_coco(image["id"])[:3]):
+            area = float(pred.masks[k].sum())
+            if area > 0:
+                del result["score"]
+                annotations.append({**result, "id": len(annotations) + 1, "area": area,
+                                    "iscrowd": 0})
+    coco["annotations"] = annotations
+    (out / "self.json").write_text(json.dumps(coco))
+    return out / "self.json"
+
+
+def test_eval_reports_ap_and_writes_metrics(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "eval"
+    val = _self_labelled(run, tmp_path)
+    argv = ["eval", str(run / "last.pth"), "--data", str(val), "--images", str(run / "data"),
+            "--out", str(out), "--batch-size", "2"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "AP50" in printed and "s per image" in printed and "bbox" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("pr_curve_bbox.png", "pr_curve_segm.png"):
+        assert (out / name).is_file()
+    assert metrics["bbox"]["AP50"] > 0.3 and metrics["segm"]["AP50"] > 0.3
+    # The same numbers as the trainer's evaluation of the same weights.
+    predictor = Predictor.from_checkpoint(run / "last.pth")
+    dataset = CocoDataset(val, run / "data", transforms=build_transforms(None, train=False))
+    reference = evaluate(predictor.model, dataset, torch.device("cpu"), batch_size=2)
+    for iou_type in ("bbox", "segm"):
+        for key in ("AP", "AP50", "AR100"):
+            assert metrics[iou_type][key] == pytest.approx(reference[iou_type][key], abs=1e-9)
+
+
+def test_eval_with_tta_reports_both_side_by_side(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "eval"
+    argv = ["eval", str(run / "last.pth"), "--data", str(run / "data" / "val.json"),
+            "--out", str(out), "--tta", "--tta-vflip", "--tta-merge", "wbf"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if "AP50" in line)
+    assert header.split()[-1] == "s/img"
+    rows = [line.split()[:2] for line in lines if line.startswith(("bbox", "segm"))]
+    assert [r[:2] if r[1] == "TTA" else r[:1] for r in rows] == [
+        ["bbox"], ["bbox", "TTA"], ["segm"], ["segm", "TTA"]
+    ]
+    assert (out / "metrics.json").is_file() and (out / "tta" / "metrics.json").is_file()
+    assert (out / "tta" / "pr_curve_segm.png").is_file()

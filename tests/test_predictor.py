@@ -1,0 +1,171 @@
+"""The Predictor: inputs of every kind, batching, thresholds, outputs, checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from maskrcnn.data.errors import DatasetError
+from maskrcnn.data.image_io import read_image
+from maskrcnn.engine.checkpoint import CheckpointError, save_checkpoint
+from maskrcnn.engine.trainer import Trainer
+from maskrcnn.predictor import ImageInput, Prediction, Predictor, to_float_image
+from tiny_run import tiny_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny convolutions: one thread is faster, and leaves the other core to others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-iteration training run: ``last.pth`` and its synthetic dataset under ``data``."""
+    out = tmp_path_factory.mktemp("run")
+    overrides = ("solver.max_iter=2", "model.fpn_channels=32", "run.num_overlays=0")
+    Trainer(tiny_config(out, *overrides), show_progress=False).train()
+    return out
+
+
+@pytest.fixture(scope="module")
+def predictor(run: Path) -> Predictor:
+    return Predictor.from_checkpoint(run / "last.pth", score_thresh=0.0)
+
+
+def _images(run: Path) -> list[Path]:
+    return sorted((run / "data" / "val").glob("*.png"))
+
+
+def _single(p: Prediction | list[Prediction]) -> Prediction:
+    assert isinstance(p, Prediction)
+    return p
+
+
+def _many(p: Prediction | list[Prediction]) -> list[Prediction]:
+    assert isinstance(p, list)
+    return p
+
+
+def test_from_checkpoint_carries_names_and_category_ids(predictor: Predictor) -> None:
+    assert predictor.class_names == ["__background__", "circle", "rectangle", "triangle"]
+    assert predictor.label_to_cat_id == {1: 1, 2: 2, 3: 3}
+    assert not predictor.model.training
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert predictor.device.type == expected
+    assert next(predictor.model.parameters()).device.type == expected
+
+
+def test_every_input_type_gives_the_same_prediction(run: Path, predictor: Predictor) -> None:
+    path = _images(run)[0]
+    uint8 = read_image(path)
+    inputs: dict[str, ImageInput] = {
+        "path": path,
+        "str": str(path),
+        "pil": Image.open(path),
+        "numpy": np.asarray(Image.open(path).convert("RGB")),
+        "uint8 tensor": uint8,
+        "float tensor": uint8.float() / 255,
+    }
+    preds = {name: _single(predictor(x)) for name, x in inputs.items()}
+    ref = preds["path"]
+    assert len(ref) > 0
+    for name, p in preds.items():
+        for key in ("boxes", "labels", "scores", "masks"):
+            assert torch.equal(getattr(p, key), getattr(ref, key)), (name, key)
+        assert p.class_names == ref.class_names
+
+
+def test_grey_and_rgba_arrays_become_rgb() -> None:
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    out = to_float_image(grey)
+    assert out.shape == (3, 3, 4) and torch.equal(out[0], out[2])
+    rgba = np.zeros((3, 4, 4), dtype=np.uint8)
+    rgba[..., 1] = 255
+    assert to_float_image(rgba)[1].min() == 1.0 and to_float_image(rgba).shape[0] == 3
+
+
+def test_a_list_is_batched_and_matches_single_images(run: Path, predictor: Predictor) -> None:
+    paths = _images(run)[:3]
+    batched = _many(predictor(paths, batch_size=2))
+    assert len(batched) == 3
+    for path, b in zip(paths, batched, strict=True):
+        one = _single(predictor(path))
+        assert torch.equal(b.labels, one.labels)
+        assert torch.allclose(b.boxes, one.boxes, atol=1e-3)
+        assert torch.allclose(b.scores, one.scores, atol=1e-5)
+        assert b.image_size == one.image_size == (64, 64)
+
+
+def test_thresholds_limits_and_output_fields(run: Path) -> None:
+    path = _images(run)[0]
+    p = Predictor.from_checkpoint(run / "last.pth", score_thresh=0.0, mask_threshold=0.3)
+    full = _single(p(path, return_probs=True))
+    assert full.mask_probs is not None and full.mask_probs.dtype == torch.float32
+    assert full.masks.dtype == torch.bool and full.masks.shape == (len(full), 64, 64)
+    assert torch.equal(full.masks, full.mask_probs > 0.3)
+    assert (full.scores[:-1] >= full.scores[1:]).all()
+    assert full.class_names == [p.class_names[int(v)] for v in full.labels]  # type: ignore[index]
+    assert _single(p(path)).mask_probs is None
+    cut = float(full.scores[len(full) // 2])
+    p.score_thresh, p.max_detections = cut, 100
+    above = _single(p(path))
+    assert len(above) == int((full.scores >= cut).sum()) and (above.scores >= cut).all()
+    p.score_thresh, p.max_detections = 0.0, 2
+    assert torch.equal(_single(p(path)).scores, full.scores[:2])
+
+
+def test_outputs_are_ordinary_cpu_tensors(run: Path, predictor: Predictor) -> None:
+    pred = _single(predictor(_images(run)[0]))
+    assert pred.boxes.device.type == "cpu"
+    pred.boxes[:, 0] += 1  # inference-mode tensors would refuse this
+    assert not pred.masks.requires_grad
+
+
+def test_to_numpy_and_to_coco(run: Path, predictor: Predictor) -> None:
+    pred = _single(predictor(_images(run)[0]))
+    arrays = pred.to_numpy()
+    assert arrays["boxes"].shape == (len(pred), 4) and arrays["masks"].dtype == np.bool_
+    assert arrays["mask_probs"] is None and arrays["class_names"] == pred.class_names
+    results = pred.to_coco(7, {1: 10, 2: 20, 3: 30})
+    assert len(results) == len(pred)
+    first = results[0]
+    assert first["image_id"] == 7 and first["category_id"] == 10 * int(pred.labels[0])
+    x1, y1, x2, y2 = pred.boxes[0].tolist()
+    assert first["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1])
+    decoded = mask_utils.decode(first["segmentation"])
+    assert np.array_equal(decoded.astype(bool), arrays["masks"][0])
+
+
+def test_bad_inputs_are_named(tmp_path: Path, predictor: Predictor) -> None:
+    with pytest.raises(ValueError, match="divide 0-255 values by 255"):
+        predictor(torch.full((3, 8, 8), 200.0))
+    with pytest.raises(ValueError, match="list of images"):
+        predictor(torch.rand(2, 3, 8, 8))
+    with pytest.raises(TypeError, match="unsupported image type"):
+        predictor(3)  # type: ignore[arg-type]
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"empty\.jpg"):
+        predictor([empty])
+
+
+def test_checkpoint_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        Predictor.from_checkpoint(tmp_path / "missing.pth")
+    save_checkpoint({"model": {}}, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointError, match="not a maskrcnn training checkpoint"):
+        Predictor.from_checkpoint(tmp_path / "partial.pth")
+    config = {"model": {"num_classes": 3, "backbone": "resnet18", "fpn_channels": 32}}
+    save_checkpoint({"model": {"x": torch.zeros(1)}, "config": config}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        Predictor.from_checkpoint(tmp_path / "bad.pth")
