@@ -76,16 +76,25 @@ def draw_instances(
     masks: Tensor | None = None,
     class_names: Sequence[str] | None = None,
     mask_threshold: float = 0.5,
+    min_side: int = 0,
 ) -> Image.Image:
     """Overlay of instances on ``image``. boxes: (N, 4) xyxy pixels; labels: (N,);
     scores: (N,) or None (ground truth); masks: (N, 1, H, W) or (N, H, W), probabilities or
     binary. Each instance's mask is tinted in its colour and outlined; its box is drawn and
-    labelled with the class name and score on a dark plate, readable on any background."""
+    labelled with the class name and score on a dark plate, readable on any background.
+    An image whose short side is under ``min_side`` is enlarged by a whole factor first, so
+    that captions of small images stay readable."""
     canvas = to_uint8_hwc(image).astype(np.float32)
     n = 0 if boxes is None else int(boxes.shape[0])
     colors = instance_colors(n)
+    factor = max(1, -(-min_side // min(canvas.shape[:2])))
+    if factor > 1:
+        canvas = canvas.repeat(factor, axis=0).repeat(factor, axis=1)
+        boxes = boxes * factor if boxes is not None else None
     if masks is not None and n:
         binary = (masks.detach().cpu().reshape(n, *masks.shape[-2:]) > mask_threshold).numpy()
+        if factor > 1:
+            binary = binary.repeat(factor, axis=1).repeat(factor, axis=2)
         for k in range(n):
             color = np.array(colors[k], dtype=np.float32)
             canvas[binary[k]] = (1 - ALPHA) * canvas[binary[k]] + ALPHA * color

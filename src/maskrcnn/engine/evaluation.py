@@ -83,8 +83,8 @@ def save_overlays(dataset: CocoDataset, predictions: dict[int, dict[str, torch.T
         pred = predictions[image_id]
         keep = pred["scores"] >= score_thresh
         gt = draw_instances(image, target["boxes"], target["labels"], None, target["masks"],
-                            names)
+                            names, min_side=384)
         dt = draw_instances(image, pred["boxes"][keep], pred["labels"][keep],
-                            pred["scores"][keep], pred["masks"][keep], names)
+                            pred["scores"][keep], pred["masks"][keep], names, min_side=384)
         paths.append(save_overlay(side_by_side(gt, dt), out_dir / f"{image_id}.png"))
     return paths
