@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny_run import tiny_config
 
 from maskrcnn.engine.trainer import Trainer
+from tiny_run import tiny_config
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from tv_oracle import randomize_frozen_bn
 
 from maskrcnn import MaskRCNN, ModelConfig
 from maskrcnn.bench import compare
@@ -19,6 +18,7 @@ from maskrcnn.engine.checkpoint import load_checkpoint
 from maskrcnn.model.backbone import build_backbone
 from maskrcnn.model.fast import fold_frozen_batchnorm
 from maskrcnn.precision import cpu_supports_bf16
+from tv_oracle import randomize_frozen_bn
 
 
 @pytest.mark.parametrize(
