@@ -9,7 +9,11 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+import yaml
+
 from maskrcnn.config import load_train_config
+from maskrcnn.data.errors import DatasetError
+from maskrcnn.engine.checkpoint import CheckpointError
 
 RECIPES = "maskrcnn.configs"
 LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint")
@@ -39,8 +43,14 @@ def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
             skip_value = "=" not in a
         else:
             forwarded.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
-           f"--nnodes={args.nnodes}", f"--node_rank={args.node_rank}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={args.nproc}",
+        f"--nnodes={args.nnodes}",
+        f"--node_rank={args.node_rank}",
+    ]
     if args.rdzv_endpoint:
         cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={args.rdzv_endpoint}"]
     else:
@@ -94,8 +104,12 @@ example: maskrcnn train --config finetune_small data.train_json=train.json \\
     )
     p.add_argument("--config", help="YAML file or recipe name")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pth")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="processes per node: launches torchrun (one per GPU, or CPU processes)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes per node: launches torchrun (one per GPU, or CPU processes)",
+    )
     p.add_argument("--nnodes", type=int, default=1, help="number of machines (with --nproc)")
     p.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
     p.add_argument("--rdzv-endpoint", help="host:port of node 0, for multi-node runs")
@@ -145,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     from maskrcnn.inference_cli import register as register_inference
 
     register_inference(sub)
+    from maskrcnn.export_cli import register as register_export
+
+    register_export(sub)
     return parser
 
 
@@ -153,7 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (DatasetError, CheckpointError, yaml.YAMLError) as err:
+        # Problems with the user's files: the message says what and where; no traceback.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

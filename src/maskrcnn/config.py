@@ -105,6 +105,8 @@ class DataConfig:
     val_json: str | None = None
     val_images: str | None = None
     search_subfolders: bool = False
+    allow_outside_root: bool = False
+    max_image_pixels: int | None = 89_478_485
     batch_size: int = 2
     num_workers: int = 2
     aspect_ratio_grouping: bool = True

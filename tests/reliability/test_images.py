@@ -72,8 +72,9 @@ def test_a_broken_file_in_a_dataset_names_the_image_id_too(tmp_path: Path) -> No
         "images": [{"id": 41, "file_name": "t.jpg", "height": 64, "width": 64}],
         "annotations": [], "categories": [{"id": 1, "name": "x"}],
     }))
-    with pytest.raises(DatasetError, match=r"image id 41: .*t\.jpg: cannot decode"):
+    with pytest.raises(DatasetError, match=r"image id 41: .*t\.jpg: cannot decode") as info:
         CocoDataset(ann, tmp_path)[0]
+    assert "search_subfolders" not in str(info.value)  # that hint is for missing files
 
 
 # --- modes -------------------------------------------------------------------------------

@@ -174,7 +174,11 @@ def _image_findings(
     readable: list[tuple[dict[str, Any], Path]] = []
     for img in images:
         path = root / img["file_name"]
-        if not path.is_file():
+        try:
+            exists = path.is_file()
+        except OSError:  # e.g. a name longer than the file system allows
+            exists = False
+        if not exists:
             # Walked at most once, and only when some image is missing.
             index = index if index is not None else index_by_basename(root)
             found = index.get(Path(img["file_name"]).name, [])

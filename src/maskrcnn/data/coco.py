@@ -447,10 +447,13 @@ class CocoDataset(Dataset[tuple[Any, Any]]):
 
     def _read(self, index: int) -> torch.Tensor:
         img = self._images[index]
+        path = self.image_path(index)
         try:
-            image = read_image(self.image_path(index), self.max_image_pixels)
+            image = read_image(path, self.max_image_pixels)
         except DatasetError as e:
-            hint = "" if self._basename_index is not None else " (try search_subfolders=True)"
+            # The hint helps only a file that is missing, not one that is broken.
+            missing = self._basename_index is None and not _is_file(path)
+            hint = " (try search_subfolders=True)" if missing else ""
             raise DatasetError(f"{self.ann_file}: image id {img['id']}: {e}{hint}") from e
         size, json_size = (image.shape[1], image.shape[2]), (img["height"], img["width"])
         if size != json_size:

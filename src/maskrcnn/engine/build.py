@@ -58,11 +58,16 @@ def build_datasets(data: DataConfig) -> tuple[CocoDataset, CocoDataset | None]:
     assert data.train_json is not None
     train_spec = list(data.train_augmentation) if data.train_augmentation is not None else None
     val_spec = list(data.val_augmentation) if data.val_augmentation is not None else None
+    options: dict[str, Any] = {
+        "search_subfolders": data.search_subfolders,
+        "allow_outside_root": data.allow_outside_root,
+        "max_image_pixels": data.max_image_pixels,
+    }
     train = CocoDataset(
         data.train_json,
         data.train_images,
         transforms=build_transforms(train_spec, train=True),
-        search_subfolders=data.search_subfolders,
+        **options,
     )
     val = None
     if data.val_json:
@@ -70,7 +75,7 @@ def build_datasets(data: DataConfig) -> tuple[CocoDataset, CocoDataset | None]:
             data.val_json,
             data.val_images,
             transforms=build_transforms(val_spec, train=False),
-            search_subfolders=data.search_subfolders,
+            **options,
         )
     return train, val
 

@@ -257,6 +257,7 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "best_ap": self.best_ap,
+            "skipped_samples": self.skipped_samples,
             "rng": self.rng_states(),
             "config": to_dict(self.cfg),
             "class_names": list(self.train_set.class_names),
@@ -281,6 +282,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.iteration, self.epoch = state["iteration"], state["epoch"]
         self.batch_in_epoch, self.best_ap = state["batch_in_epoch"], state["best_ap"]
+        self.skipped_samples = state.get("skipped_samples", 0)
         rngs = state["rng"]
         # A run resumed with as many processes as it had continues every stream exactly.
         set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])

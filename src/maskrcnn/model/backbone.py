@@ -7,6 +7,7 @@ checkpoints load strictly.
 from __future__ import annotations
 
 import importlib.util
+import pickle
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,7 +72,13 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path} was refused: it holds Python objects other than tensors and plain values "
+            "(loading it could run code); only ImageNet state dicts of tensors are accepted"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     try:
