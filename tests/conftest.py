@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from maskrcnn.engine.trainer import Trainer
 from tiny_run import tiny_config
@@ -20,3 +22,13 @@ def trained_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
         show_progress=False,
     ).train()
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module: tiny convolutions run faster that way on two shared
+    cores, and child processes started with OMP_NUM_THREADS=1 sum in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from maskrcnn.cli import main
 from maskrcnn.data.errors import DatasetError
@@ -21,13 +19,7 @@ from tiny_run import TINY, tiny_config
 BAD_ID = 4  # image ids run from 1 to 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Two cores shared with other jobs: two intra-op threads fight and run 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,14 +29,7 @@ SEED = 1234
 TMP_GLOB = ".last.pth.*.tmp"
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # The child processes run one thread (OMP_NUM_THREADS=1); so does the reference run, so
-    # that the sums are done in the same order. It is also much faster on two shared cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
