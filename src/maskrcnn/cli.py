@@ -159,9 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     from maskrcnn.inference_cli import register as register_inference
 
     register_inference(sub)
-    from maskrcnn.export_cli import register as register_export
-
-    register_export(sub)
     return parser
 
 
