@@ -283,6 +283,10 @@ def run(
         report["loading_s_per_sample"] = bench_loading(32, 512, repeats)
     if "memory" not in skip:
         report["inference_peak_mib"] = bench_peak_memory(size, precision)
+    if "onnx" not in skip:
+        from maskrcnn.export import bench_onnxruntime
+
+        report["onnxruntime_vs_fast"] = bench_onnxruntime(copy.deepcopy(ours), None, size, repeats)
     return report
 
 
@@ -311,6 +315,12 @@ def format_report(report: dict[str, Any]) -> str:
             else:
                 ratio = f"{v / ref:.2f}x memory" if name != "torchvision" else ""
             lines.append(f"{section:34}{name:16}{v:>10.4f} {unit:3}{ratio:>16}")
+    if "onnxruntime_vs_fast" in report:
+        o = report["onnxruntime_vs_fast"]
+        lines.append(
+            f"onnxruntime {o['onnxruntime']:.4f} s vs PyTorch fast "
+            f"{o['pytorch_fast']:.4f} s per image (ratio {o['ratio']:.2f})"
+        )
     if "fast_vs_exact" in report:
         a = report["fast_vs_exact"]
         lines.append("")

@@ -139,7 +139,7 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--weights",
         help="state dict or checkpoint of a ResNet-50-FPN model (default: random weights)",
     )
-    p.add_argument("--skip", default="", help="comma list of: inference,train,paste,loading,memory")
+    p.add_argument("--skip", default="", help="comma list of: inference,train,paste,loading,memory,onnx")
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.set_defaults(func=_bench)
 
@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     from maskrcnn.inference_cli import register as register_inference
 
     register_inference(sub)
+    from maskrcnn.export_cli import register as register_export
+
+    register_export(sub)
     return parser
 
 

@@ -21,6 +21,7 @@ from maskrcnn.data.image_io import read_image
 from maskrcnn.engine.checkpoint import CheckpointError
 from maskrcnn.engine.evaluator import CocoEvaluator
 from maskrcnn.engine.summary import KEYS, format_metrics
+from maskrcnn.onnx_predictor import OnnxPredictor
 from maskrcnn.predictor import Prediction, Predictor, to_float_image
 from maskrcnn.tta import TTAConfig
 from maskrcnn.visualize import draw_instances, save_overlay
@@ -86,10 +87,25 @@ def load_predictor(args: argparse.Namespace, score_thresh: float) -> Predictor |
         return None
 
 
+def load_onnx_predictor(args: argparse.Namespace) -> OnnxPredictor | None:
+    """``--backend onnxruntime``: a predictor for the exported ONNX file, or None after
+    printing why it cannot be used."""
+    if args.tta:
+        print("error: --tta is not available with --backend onnxruntime", file=sys.stderr)
+        return None
+    try:
+        return OnnxPredictor(args.checkpoint, score_thresh=args.score_thresh)
+    except (ImportError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+
+
 class PredictionWriter:
     """Collects the COCO results of ``maskrcnn predict`` and writes overlays as it goes."""
 
-    def __init__(self, predictor: Predictor, out: Path, overlays: dict[Path, str] | None) -> None:
+    def __init__(
+        self, predictor: Predictor | OnnxPredictor, out: Path, overlays: dict[Path, str] | None
+    ) -> None:
         self.predictor = predictor
         self.out = out
         self.overlays = overlays
@@ -135,7 +151,11 @@ class PredictionWriter:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    predictor = load_predictor(args, args.score_thresh)
+    predictor: Predictor | OnnxPredictor | None
+    if args.backend == "onnxruntime":
+        predictor = load_onnx_predictor(args)
+    else:
+        predictor = load_predictor(args, args.score_thresh)
     if predictor is None:
         return 1
     files, skipped = find_images(args.inputs)
@@ -301,6 +321,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--score-thresh", type=float, default=0.5, metavar="T",
                    help="keep detections scoring at least T (default 0.5)")
     p.add_argument("--overlays", action="store_true", help="write an overlay PNG per image")
+    p.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
+                   help="onnxruntime: CKPT is an ONNX file written by `maskrcnn export` "
+                   "(CPU; no --tta, --device ignored)")
     p.set_defaults(func=_run_predict)
 
     e = subparsers.add_parser(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -114,3 +116,20 @@ def test_class_agnostic_masks() -> None:
     out = model.infer([torch.rand(3, 64, 80)])[0]
     assert out["masks"].shape[1:] == (1, 64, 80) and out["masks"].shape[0] == out["boxes"].shape[0]
     assert model.training  # infer() restores the mode
+
+
+def test_roi_scales_do_not_depend_on_the_first_image() -> None:
+    # torchvision infers RoIAlign's scales from the first batch and keeps them: a 37x300
+    # first image would give 1/2 instead of 1/4 for the finest level.
+    torch.manual_seed(0)
+    model = MaskRCNN(ModelConfig(backbone="resnet18", num_classes=5, min_size=128,
+                                 max_size=400, box_score_thresh=0.0)).eval()
+    fresh = copy.deepcopy(model)
+    image = torch.rand(3, 96, 128)
+    with torch.no_grad():
+        model([torch.rand(3, 37, 300)])
+        after_odd = model([image])[0]
+        reference = fresh([image])[0]
+    assert model.roi_heads.box_roi_pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    torch.testing.assert_close(after_odd["boxes"], reference["boxes"])
+    torch.testing.assert_close(after_odd["masks"], reference["masks"])

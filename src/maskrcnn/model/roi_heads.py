@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import MultiScaleRoIAlign, box_iou
+from torchvision.ops.poolers import initLevelMapper
 
 from maskrcnn.config import ModelConfig
 from maskrcnn.model.box_coder import BoxCoder
@@ -71,6 +72,11 @@ class RoIHeads(nn.Module):
         self.box_head = TwoMLPHead(ch * 7 * 7, 1024)
         self.box_predictor = BoxPredictor(1024, cfg.num_classes)
         self.mask_roi_pool = MultiScaleRoIAlign(FEATURE_NAMES, output_size=14, sampling_ratio=2)
+        # The FPN's strides are known: fixing the scales up front stops MultiScaleRoIAlign
+        # from inferring (and caching for good) wrong ones from a tiny or elongated first image.
+        for pool in (self.box_roi_pool, self.mask_roi_pool):
+            pool.scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+            pool.map_levels = initLevelMapper(2, 5)
         # The mask branch is as wide as the FPN (256 in torchvision's layout).
         self.mask_head = MaskHead(ch, (ch,) * 4)
         self.mask_predictor = MaskPredictor(

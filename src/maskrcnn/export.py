@@ -1,0 +1,222 @@
+"""Export a :class:`MaskRCNN` to ONNX or to a ``torch.export`` archive, with dynamic image
+sizes, pre- and post-processing inside the graph, and metadata.
+
+Both formats hold one graph, :class:`~maskrcnn.export_model.ExportableMaskRCNN`:
+
+    image (3, H, W) float32 RGB in [0, 1], any H and W
+      → boxes (N, 4) float32 xyxy in input pixels, labels (N,) int64, scores (N,) float32
+        (best first, at least the model's ``box_score_thresh``), masks (N, 1, H, W) float32
+        probabilities pasted at the input size; N may be 0.
+
+One image per run: run it once per image to predict a batch. FrozenBatchNorm is folded into
+the convolutions before export (the values change only by float rounding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.export import Dim, ExportedProgram
+
+from maskrcnn.export_metadata import ExportMetadata, make_metadata
+from maskrcnn.export_model import ExportableMaskRCNN
+from maskrcnn.model.fast import fold_frozen_batchnorm
+from maskrcnn.model.mask_rcnn import MaskRCNN
+from maskrcnn.onnx_predictor import OnnxPredictor
+from maskrcnn.predictor import Predictor
+
+__all__ = [
+    "ExportMetadata",
+    "OnnxPredictor",
+    "bench_onnxruntime",
+    "export_onnx",
+    "export_program",
+    "export_torch",
+    "image_to_input",
+    "load_torch_export",
+    "model_from_checkpoint",
+]
+
+DEFAULT_OPSET = 18
+METADATA_FILE = "maskrcnn_metadata.json"  # the extra file of a torch.export archive
+INPUT_NAMES = ["image"]
+OUTPUT_NAMES = ["boxes", "labels", "scores", "masks"]
+
+
+def exportable(model: MaskRCNN) -> ExportableMaskRCNN:
+    """The export graph of a CPU, eval-mode copy of ``model`` with FrozenBatchNorm folded
+    into the convolutions (``model`` itself is left as it is)."""
+    copy_ = copy.deepcopy(model).cpu().float().eval()
+    fold_frozen_batchnorm(copy_.backbone)
+    return ExportableMaskRCNN(copy_).eval()
+
+
+@contextlib.contextmanager
+def quiet_exporters() -> Iterator[None]:
+    """Silence the exporters' deprecation warnings (torchvision's nms fake kernel) and the
+    ONNX optimiser's INFO lines (hundreds, under ``maskrcnn``'s INFO logging)."""
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript")]
+    levels = [log.level for log in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for log in loggers:
+            log.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for log, level in zip(loggers, levels, strict=True):
+                log.setLevel(level)
+
+
+def _nms_first_onnx(boxes: Any, scores: Any, iou_threshold: float, k: int) -> Any:
+    """ONNX for ``maskrcnn::nms_first``: NonMaxSuppression stopping after ``k`` boxes."""
+    from onnxscript import opset18
+
+    op: Any = opset18  # traced by the exporter; onnxscript's static types do not apply
+    selected = op.NonMaxSuppression(
+        op.Unsqueeze(boxes, [0]), op.Unsqueeze(scores, [0, 1]), k, iou_threshold
+    )  # (K, 3): batch, class, box index
+    return op.Reshape(op.Slice(selected, [2], [3], [1]), [-1])
+
+
+def export_program(model: MaskRCNN) -> ExportedProgram:
+    """``torch.export`` of ``model``'s single-image graph with dynamic H and W."""
+    graph = exportable(model)
+    example = (torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(0)),)
+    dims = {"image": {1: Dim("height", min=2), 2: Dim("width", min=2)}}
+    with quiet_exporters():
+        return torch.export.export(graph, example, dynamic_shapes=dims, strict=False)
+
+
+def export_torch(
+    model: MaskRCNN,
+    path: str | Path,
+    class_names: Sequence[str] | None = None,
+    label_to_cat_id: Mapping[int, int] | None = None,
+    score_thresh: float = 0.5,
+    program: ExportedProgram | None = None,
+) -> Path:
+    """Write ``model`` as a ``torch.export`` archive (``.pt2``) with the metadata as its
+    extra file ``maskrcnn_metadata.json``; ``program``: a ready ``export_program(model)``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program = program if program is not None else export_program(model)
+    metadata = make_metadata(model, class_names, label_to_cat_id, score_thresh)
+    torch.export.save(program, path, extra_files={METADATA_FILE: metadata.to_json()})
+    return path
+
+
+def load_torch_export(
+    path: str | Path,
+) -> tuple[Callable[[Tensor], tuple[Tensor, Tensor, Tensor, Tensor]], ExportMetadata]:
+    """The callable module of a ``.pt2`` written by :func:`export_torch` —
+    ``module(image) -> (boxes, labels, scores, masks)`` — and its metadata."""
+    extra = {METADATA_FILE: ""}
+    program = torch.export.load(path, extra_files=extra)
+    if not extra[METADATA_FILE]:
+        raise ValueError(f"{path}: no {METADATA_FILE}; not written by maskrcnn export")
+    return program.module(), ExportMetadata.from_json(extra[METADATA_FILE])
+
+
+def export_onnx(
+    model: MaskRCNN,
+    path: str | Path,
+    class_names: Sequence[str] | None = None,
+    label_to_cat_id: Mapping[int, int] | None = None,
+    opset: int = DEFAULT_OPSET,
+    score_thresh: float = 0.5,
+    program: ExportedProgram | None = None,
+) -> Path:
+    """Write ``model`` as an ONNX file (torch's dynamo exporter, ``onnxscript`` needed) with
+    input ``image`` (3, H, W), outputs ``boxes``, ``labels``, ``scores``, ``masks`` and the
+    metadata in ``metadata_props``; ``program``: a ready ``export_program(model)``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program = program if program is not None else export_program(model)
+    with quiet_exporters():
+        onnx_program = torch.onnx.export(
+            program,
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+            custom_translation_table={torch.ops.maskrcnn.nms_first.default: _nms_first_onnx},
+        )
+    assert onnx_program is not None
+    props = make_metadata(model, class_names, label_to_cat_id, score_thresh).onnx_props()
+    onnx_program.model.metadata_props.update(props)
+    onnx_program.save(path)
+    return path
+
+
+def model_from_checkpoint(
+    path: str | Path,
+) -> tuple[MaskRCNN, list[str] | None, dict[int, int] | None]:
+    """The model of a training checkpoint, its class names and label → category id map."""
+    predictor = Predictor.from_checkpoint(path, device="cpu")
+    return predictor.model, predictor.class_names, predictor.label_to_cat_id
+
+
+def image_to_input(image: np.ndarray) -> np.ndarray:
+    """An (H, W, 3) uint8 RGB array (as ``np.asarray(PIL.Image.open(f).convert("RGB"))``)
+    → the graph's input, (3, H, W) float32 in [0, 1]."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
+    return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / np.float32(255)
+
+
+def bench_onnxruntime(
+    model: MaskRCNN,
+    onnx_path: str | Path | None = None,
+    size: tuple[int, int] = (800, 1088),
+    repeats: int = 3,
+    threads: int | None = None,
+    precision: str = "auto",
+) -> dict[str, Any]:
+    """Seconds per image of ``model`` exported to ONNX under onnxruntime (CPU EP) and of
+    ``model`` in PyTorch's fast mode (``optimize_for_inference(precision)``), on the same
+    random (3, *size) image, alternating after a warm-up, medians; both with ``threads``
+    threads (default: torch's). ``onnx_path``: the model's ONNX file, or None to export it
+    first.
+
+    Returns ``{"onnxruntime": s, "pytorch_fast": s, "ratio": onnxruntime / pytorch_fast,
+    "pytorch_precision": "bf16" | "fp32" | ..., "detections": [n_onnxruntime, n_pytorch],
+    "threads": n, "size": [h, w]}``."""
+    if onnx_path is None:
+        with tempfile.TemporaryDirectory() as folder:
+            path = export_onnx(model, Path(folder) / "model.onnx")
+            return bench_onnxruntime(model, path, size, repeats, threads, precision)
+    from maskrcnn.bench import alternate
+
+    threads = threads or torch.get_num_threads()
+    image = torch.rand(3, *size, generator=torch.Generator().manual_seed(1))
+    fast = copy.deepcopy(model).cpu().optimize_for_inference(precision)
+    ort = OnnxPredictor(onnx_path, num_threads=threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            runs = {"onnxruntime": lambda: ort.run(image), "pytorch_fast": lambda: fast([image])}
+            times = alternate(runs, repeats)
+            found = [len(ort.run(image)["boxes"]), len(fast([image])[0]["boxes"])]
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        **times,
+        "ratio": times["onnxruntime"] / times["pytorch_fast"],
+        "pytorch_precision": fast.inference_precision,
+        "detections": found,
+        "threads": threads,
+        "size": list(size),
+    }

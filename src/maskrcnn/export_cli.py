@@ -1,0 +1,61 @@
+"""The ``maskrcnn export`` command: a training checkpoint → an ONNX file or a torch.export
+archive."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from maskrcnn.engine.checkpoint import CheckpointError
+
+FORMATS = ("onnx", "torch-export")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from maskrcnn.export import export_onnx, export_torch, model_from_checkpoint
+
+    try:
+        model, names, label_map = model_from_checkpoint(args.checkpoint)
+    except (CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    try:
+        if args.format == "onnx":
+            path = export_onnx(model, args.out, names, label_map, opset=args.opset,
+                               score_thresh=args.score_thresh)
+        else:
+            path = export_torch(model, args.out, names, label_map, score_thresh=args.score_thresh)
+    except ImportError as err:  # onnxscript (the ONNX exporter's backend) is missing
+        print(f"error: {err}; install the export extra: pip install 'maskrcnn[export]'",
+              file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - start
+    size_mb = path.stat().st_size / 2**20
+    print(f"wrote {path} ({args.format}, {size_mb:.1f} MiB) in {seconds:.0f} s")
+    print(f"classes: {', '.join(names[1:]) if names else 'unknown'}")
+    print("input: image float32 (3, H, W) in [0, 1], any size; outputs: boxes, labels, scores, "
+          "masks (probabilities at the input size); see docs/deployment.md")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Adds ``export`` to a CLI; it sets ``args.func(args) -> int``."""
+    p = subparsers.add_parser(
+        "export", help="export a checkpoint to ONNX or torch.export (any image size)",
+        description="Write the model of a training checkpoint as one graph that takes an "
+        "image of any size, (3, H, W) float32 in [0, 1], and returns boxes, labels, scores "
+        "and masks at the input size; resizing, normalisation and post-processing are inside. "
+        "Class names, the label → category id map and thresholds go in the file's metadata.",
+    )
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint written by `maskrcnn train`")
+    p.add_argument("--format", choices=FORMATS, default="onnx",
+                   help="onnx (run with onnxruntime) or torch-export (.pt2); default onnx")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE", help="output file")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--score-thresh", type=float, default=0.5, metavar="T",
+                   help="score threshold suggested in the metadata (default 0.5); the "
+                   "model's own box_score_thresh applies inside the graph")
+    p.set_defaults(func=_run_export)

@@ -1,0 +1,229 @@
+"""Export to ONNX and torch.export: dynamic image sizes, zero detections, metadata, the
+onnxruntime predictor and ``maskrcnn predict --backend onnxruntime``.
+
+One tiny training run and one ``torch.export`` (shared by the ONNX file and the .pt2
+archive) for the whole module: exporting is the slow part.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import maskrcnn.export as export_module
+from maskrcnn.cli import main
+from maskrcnn.data.image_io import read_image
+from maskrcnn.engine.trainer import Trainer
+from maskrcnn.export import (
+    OnnxPredictor,
+    bench_onnxruntime,
+    export_program,
+    export_torch,
+    image_to_input,
+    load_torch_export,
+    model_from_checkpoint,
+)
+from maskrcnn.export_model import ExportableMaskRCNN, paste
+from maskrcnn.model.mask_rcnn import MaskRCNN
+from maskrcnn.model.postprocess import paste_masks
+from maskrcnn.predictor import Predictor
+from tiny_run import tiny_config
+
+NAMES = ("boxes", "labels", "scores", "masks")
+SIZES = [(50, 90), (120, 100), (33, 47)]  # the export traced a 64 x 80 image
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@dataclass
+class Exported:
+    run: Path
+    model: MaskRCNN
+    onnx: Path
+    pt2: Path
+
+
+@pytest.fixture(scope="module")
+def exported(one_thread: None, tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """A 40-iteration tiny run with a narrow FPN (a few seconds); its ONNX file written by
+    ``maskrcnn export`` and its .pt2 by ``export_torch``, from one ``torch.export``."""
+    run = tmp_path_factory.mktemp("run")
+    overrides = ("solver.max_iter=40", "model.fpn_channels=32", "run.num_overlays=0")
+    Trainer(tiny_config(run, *overrides), show_progress=False).train()
+    out = tmp_path_factory.mktemp("exported")
+    checkpoint = run / "last.pth"
+    model, names, label_map = model_from_checkpoint(checkpoint)
+    program = export_program(model)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(export_module, "export_program", lambda _model: program)
+        assert main(["export", str(checkpoint), "--out", str(out / "model.onnx")]) == 0
+    pt2 = export_torch(model, out / "model.pt2", names, label_map, program=program)
+    return Exported(run, model.eval(), out / "model.onnx", pt2)
+
+
+def val_images(run: Path) -> list[Tensor]:
+    return [read_image(p).float() / 255 for p in sorted((run / "data" / "val").glob("*.png"))]
+
+
+def resized(image: Tensor, size: tuple[int, int]) -> Tensor:
+    return F.interpolate(image[None], size=size, mode="bilinear")[0].clamp(0, 1)
+
+
+def cases(exported: Exported) -> list[Tensor]:
+    """Images at three sizes the export never saw, and one on which the model finds nothing."""
+    images = val_images(exported.run)
+    flat = [torch.full((3, 64, 64), v) for v in (0.0, 0.5, 1.0)]
+    empty = [im for im in images + flat if len(exported.model.infer([im])[0]["boxes"]) == 0]
+    assert empty, "the tiny model should find nothing on some validation image"
+    found = [im for im in images if len(exported.model.infer([im])[0]["boxes"]) > 0]
+    return [resized(found[i % len(found)], s) for i, s in enumerate(SIZES)] + [empty[0]]
+
+
+def mask_iou(a: Tensor, b: Tensor) -> Tensor:
+    """Per-detection IoU of (N, 1, H, W) probabilities binarised at 0.5."""
+    a, b = a[:, 0] > 0.5, b[:, 0] > 0.5
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def assert_same(reference: dict[str, Tensor], outputs: dict[str, Tensor], size: tuple[int, int]
+                ) -> None:
+    n = len(reference["boxes"])
+    assert outputs["boxes"].shape == (n, 4) and outputs["boxes"].dtype == torch.float32
+    assert outputs["labels"].shape == (n,) and outputs["labels"].dtype == torch.int64
+    assert outputs["scores"].shape == (n,) and outputs["masks"].shape == (n, 1, *size)
+    assert torch.equal(outputs["labels"], reference["labels"])
+    torch.testing.assert_close(outputs["boxes"], reference["boxes"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(outputs["scores"], reference["scores"], atol=1e-4, rtol=0)
+    assert bool((mask_iou(outputs["masks"], reference["masks"]) >= 0.99).all())
+
+
+def test_onnx_equals_pytorch_at_new_sizes_and_with_zero_detections(exported: Exported) -> None:
+    predictor = OnnxPredictor(exported.onnx, num_threads=1)
+    counts = []
+    for image in cases(exported):
+        reference = exported.model.infer([image])[0]
+        assert_same(reference, predictor.run(image), tuple(image.shape[-2:]))
+        counts.append(len(reference["boxes"]))
+    assert all(c > 0 for c in counts[:-1]) and counts[-1] == 0
+
+
+def test_torch_export_round_trips(exported: Exported) -> None:
+    module, metadata = load_torch_export(exported.pt2)
+    assert metadata.class_names == ["__background__", "circle", "rectangle", "triangle"]
+    assert metadata.label_to_cat_id == {1: 1, 2: 2, 3: 3}
+    for image in cases(exported):
+        with torch.no_grad():
+            outputs = dict(zip(NAMES, module(image), strict=True))
+        assert_same(exported.model.infer([image])[0], outputs, tuple(image.shape[-2:]))
+
+
+def test_onnx_metadata(exported: Exported) -> None:
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(exported.onnx)).metadata_props}
+    assert json.loads(props["class_names"]) == ["__background__", "circle", "rectangle",
+                                                "triangle"]
+    assert json.loads(props["label_to_cat_id"]) == {"1": 1, "2": 2, "3": 3}
+    assert float(props["score_thresh"]) == 0.5
+    assert float(props["box_score_thresh"]) == exported.model.cfg.box_score_thresh
+    assert "(3, H, W)" in props["input"] and "[0, 1]" in props["input"]
+    metadata = OnnxPredictor(exported.onnx).metadata
+    assert metadata.min_size == 96 and metadata.mask_threshold == 0.5
+
+
+def test_onnx_predictor_equals_predictor_on_uint8_hwc(exported: Exported) -> None:
+    path = sorted((exported.run / "data" / "val").glob("*.png"))[1]
+    array = np.asarray(Image.open(path).convert("RGB").resize((90, 70)))
+    ours = OnnxPredictor(exported.onnx, score_thresh=0.0, num_threads=1)
+    checkpoint = exported.run / "last.pth"
+    reference = Predictor.from_checkpoint(checkpoint, score_thresh=0.0, device="cpu")(array)
+    prediction = ours(array)
+    assert not isinstance(prediction, list) and not isinstance(reference, list)
+    assert len(prediction) == len(reference) > 0
+    assert prediction.class_names == reference.class_names
+    torch.testing.assert_close(prediction.boxes, reference.boxes, atol=1e-3, rtol=0)
+    run = ours.run(torch.from_numpy(image_to_input(array)))
+    torch.testing.assert_close(run["boxes"], prediction.boxes, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="uint8"):
+        image_to_input(array.astype(np.float32))
+
+
+def test_predict_backend_onnxruntime_writes_the_same_json(
+    exported: Exported, tmp_path: Path
+) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k, image in enumerate(cases(exported)):
+        Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy()).save(
+            folder / f"{k}.png"
+        )
+    common = [str(folder), "--score-thresh", "0.0", "--out"]
+    checkpoint = str(exported.run / "last.pth")
+    assert main(["predict", checkpoint, *common, str(tmp_path / "pt")]) == 0
+    onnx = str(exported.onnx)
+    assert main(["predict", onnx, *common, str(tmp_path / "ort"), "--backend", "onnxruntime"]) == 0
+    pt = json.loads((tmp_path / "pt" / "predictions.json").read_text())
+    ort = json.loads((tmp_path / "ort" / "predictions.json").read_text())
+    assert ort["images"] == pt["images"] and ort["categories"] == pt["categories"]
+    assert len(ort["annotations"]) == len(pt["annotations"]) > 0
+    for a, b in zip(ort["annotations"], pt["annotations"], strict=True):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        np.testing.assert_allclose(a["bbox"], b["bbox"], atol=1e-2)
+        assert a["segmentation"]["size"] == b["segmentation"]["size"]
+
+
+def test_cli_errors_name_the_problem(
+    exported: Exported, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["export", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "m.onnx")]) == 1
+    assert "missing.pth" in capsys.readouterr().err
+    image = str(exported.run / "data" / "val")
+    argv = ["predict", str(exported.run / "last.pth"), image, "--out", str(tmp_path / "o"),
+            "--backend", "onnxruntime"]
+    assert main(argv) == 1
+    assert "onnxruntime cannot load" in capsys.readouterr().err
+    assert main([argv[0], str(exported.onnx), *argv[2:], "--tta"]) == 1
+
+
+def test_export_graph_equals_the_eager_model_exactly(exported: Exported) -> None:
+    """Without folding or exporting: the graph's code computes what the model computes, bit
+    for bit, also for extreme aspect ratios (a pyramid level of size 1)."""
+    graph = ExportableMaskRCNN(exported.model).eval()
+    image = val_images(exported.run)[1]
+    for size in [(64, 64), (37, 300), (400, 30), (20, 20)]:
+        x = resized(image, size)
+        reference = exported.model.infer([x])[0]
+        with torch.no_grad():
+            outputs = dict(zip(NAMES, graph(x), strict=True))
+        for name in NAMES:
+            assert torch.equal(outputs[name], reference[name]), (size, name)
+
+
+def test_paste_equals_paste_masks() -> None:
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.rand(7, 1, 28, 28, generator=generator)
+    xy = torch.rand(7, 2, generator=generator) * torch.tensor([150.0, 90.0]) - 10
+    wh = torch.rand(7, 2, generator=generator) * 60 + 1
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    assert torch.equal(paste(masks, boxes, 100, 160), paste_masks(masks, boxes, (100, 160)))
+    assert paste(masks[:0], boxes[:0], 100, 160).shape == (0, 1, 100, 160)
+
+
+def test_bench_onnxruntime_reports_both(exported: Exported) -> None:
+    row = bench_onnxruntime(exported.model, exported.onnx, size=(64, 64), repeats=1, threads=1)
+    assert row["onnxruntime"] > 0 and row["pytorch_fast"] > 0 and row["threads"] == 1
+    assert row["ratio"] == pytest.approx(row["onnxruntime"] / row["pytorch_fast"])
