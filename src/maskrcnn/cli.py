@@ -139,7 +139,9 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--weights",
         help="state dict or checkpoint of a ResNet-50-FPN model (default: random weights)",
     )
-    p.add_argument("--skip", default="", help="comma list of: inference,train,paste,loading,memory,onnx")
+    p.add_argument(
+        "--skip", default="", help="comma list of: inference,train,paste,loading,memory,onnx"
+    )
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.set_defaults(func=_bench)
 
