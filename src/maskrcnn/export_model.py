@@ -28,7 +28,7 @@ from torchvision.ops import nms, roi_align
 from torchvision.ops.poolers import LevelMapper
 
 from maskrcnn.model.mask_rcnn import MaskRCNN
-from maskrcnn.model.postprocess import expand_boxes
+from maskrcnn.model.postprocess import expand_boxes, interp_matrix
 from maskrcnn.model.rpn import flatten_levels
 
 ROI_LEVELS = 4  # P2-P5 feed RoIAlign; P6 ("pool") only the RPN
@@ -101,24 +101,6 @@ def batched_nms(
     return nms_first(boxes + (groups.to(boxes) * (top + 1))[:, None], scores, iou_threshold, k)
 
 
-def interp_weights(start: Tensor, end: Tensor, length: int, src: int) -> Tensor:
-    """Bilinear weights (N, length, src) that stretch a ``src``-pixel row onto pixels
-    [start, end] (int64, (N,)) of a ``length``-pixel line: the values of
-    ``postprocess._interp_matrix``, built with one-hot comparisons instead of scatter_add."""
-    size = (end - start + 1).clamp(min=1).to(torch.float32)
-    pos = torch.arange(length, device=start.device, dtype=torch.float32)
-    d = pos[None, :] - start[:, None].to(torch.float32)
-    x = ((src / size)[:, None] * (d + 0.5) - 0.5).clamp(min=0)
-    i0 = x.floor().clamp(max=src - 1)
-    l1 = x - i0
-    i0 = i0.long()
-    i1 = (i0 + 1).clamp(max=src - 1)
-    valid = ((pos[None, :] >= start[:, None]) & (pos[None, :] <= end[:, None])).to(torch.float32)
-    cols = torch.arange(src, device=start.device)
-    w0 = (i0[..., None] == cols).to(torch.float32) * ((1 - l1) * valid)[..., None]
-    return w0 + (i1[..., None] == cols).to(torch.float32) * (l1 * valid)[..., None]
-
-
 def paste(masks: Tensor, boxes: Tensor, height: int, width: int) -> Tensor:
     """(N, 1, M, M) probabilities in (N, 4) xyxy boxes → (N, 1, height, width), the same
     values as ``postprocess.paste_masks`` (pad by one pixel, grow and round the box,
@@ -126,8 +108,8 @@ def paste(masks: Tensor, boxes: Tensor, height: int, width: int) -> Tensor:
     padded = F.pad(masks[:, 0], (1, 1, 1, 1))
     side = padded.shape[-1]
     ib = expand_boxes(boxes, float(side) / masks.shape[-1]).to(torch.int64)
-    wy = interp_weights(ib[:, 1], ib[:, 3], height, side)
-    wx = interp_weights(ib[:, 0], ib[:, 2], width, side)
+    wy = interp_matrix(ib[:, 1], ib[:, 3], height, side)
+    wx = interp_matrix(ib[:, 0], ib[:, 2], width, side)
     return torch.bmm(torch.bmm(wy, padded), wx.transpose(1, 2))[:, None]
 
 

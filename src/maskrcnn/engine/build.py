@@ -19,12 +19,6 @@ from maskrcnn.model.mask_rcnn import MaskRCNN
 log = logging.getLogger("maskrcnn")
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def synthetic_data(cfg: TrainConfig) -> DataConfig:
     """Generate the embedded synthetic-shapes dataset (train and val) under the run folder,
     unless it is there already, and point the data config at it."""

@@ -64,10 +64,12 @@ def expand_boxes(boxes: Tensor, scale: float) -> Tensor:
     return torch.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], dim=1)
 
 
-def _interp_matrix(start: Tensor, end: Tensor, length: int, src: int, dtype: torch.dtype) -> Tensor:
+def interp_matrix(start: Tensor, end: Tensor, length: int, src: int,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
     """Bilinear resampling weights (N, length, src) that stretch a ``src``-pixel row onto
     pixels [start, end] of a ``length``-pixel line (integer bounds, zero elsewhere), with
-    ``F.interpolate(mode="bilinear", align_corners=False)``'s sampling positions."""
+    ``F.interpolate(mode="bilinear", align_corners=False)``'s sampling positions. Built
+    from one-hot comparisons (no in-place scatter), so the ONNX export uses it as is."""
     size = (end - start + 1).clamp(min=1).to(torch.float32)
     pos = torch.arange(length, device=start.device, dtype=torch.float32)
     d = pos[None, :] - start[:, None].to(torch.float32)  # (N, L)
@@ -77,10 +79,10 @@ def _interp_matrix(start: Tensor, end: Tensor, length: int, src: int, dtype: tor
     i0 = i0.long()
     i1 = (i0 + 1).clamp(max=src - 1)
     valid = ((pos[None, :] >= start[:, None]) & (pos[None, :] <= end[:, None])).to(torch.float32)
-    weights = torch.zeros((start.shape[0], length, src), device=start.device, dtype=torch.float32)
-    weights.scatter_add_(2, i0[..., None], ((1 - l1) * valid)[..., None])
-    weights.scatter_add_(2, i1[..., None], (l1 * valid)[..., None])
-    return weights.to(dtype)
+    cols = torch.arange(src, device=start.device)
+    w0 = (i0[..., None] == cols).to(torch.float32) * ((1 - l1) * valid)[..., None]
+    w1 = (i1[..., None] == cols).to(torch.float32) * (l1 * valid)[..., None]
+    return (w0 + w1).to(dtype)
 
 
 def paste_masks(
@@ -105,8 +107,8 @@ def paste_masks(
     out = masks.new_empty((n, 1, h, w))
     for s in range(0, n, chunk):
         b = ib[s : s + chunk]
-        wy = _interp_matrix(b[:, 1], b[:, 3], h, side, masks.dtype)
-        wx = _interp_matrix(b[:, 0], b[:, 2], w, side, masks.dtype)
+        wy = interp_matrix(b[:, 1], b[:, 3], h, side, masks.dtype)
+        wx = interp_matrix(b[:, 0], b[:, 2], w, side, masks.dtype)
         torch.bmm(
             torch.bmm(wy, padded[s : s + chunk]), wx.transpose(1, 2), out=out[s : s + chunk, 0]
         )
