@@ -32,3 +32,12 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-iteration training run: ``last.pth`` and its synthetic dataset under ``data``."""
+    out = tmp_path_factory.mktemp("run")
+    overrides = ("solver.max_iter=2", "model.fpn_channels=32", "run.num_overlays=0")
+    Trainer(tiny_config(out, *overrides), show_progress=False).train()
+    return out

@@ -15,21 +15,10 @@ from maskrcnn.cli import main
 from maskrcnn.data.coco import CocoDataset
 from maskrcnn.data.transforms import build_transforms
 from maskrcnn.engine.evaluation import evaluate
-from maskrcnn.engine.trainer import Trainer
 from maskrcnn.inference_cli import find_images, overlay_names
 from maskrcnn.predictor import Predictor
-from tiny_run import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A two-iteration training run: ``last.pth`` and its synthetic dataset under ``data``."""
-    out = tmp_path_factory.mktemp("run")
-    overrides = ("solver.max_iter=2", "model.fpn_channels=32", "run.num_overlays=0")
-    Trainer(tiny_config(out, *overrides), show_progress=False).train()
-    return out
 
 
 @pytest.fixture()

@@ -13,20 +13,9 @@ from pycocotools import mask as mask_utils
 from maskrcnn.data.errors import DatasetError
 from maskrcnn.data.image_io import read_image
 from maskrcnn.engine.checkpoint import CheckpointError, save_checkpoint
-from maskrcnn.engine.trainer import Trainer
 from maskrcnn.predictor import ImageInput, Prediction, Predictor, to_float_image
-from tiny_run import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A two-iteration training run: ``last.pth`` and its synthetic dataset under ``data``."""
-    out = tmp_path_factory.mktemp("run")
-    overrides = ("solver.max_iter=2", "model.fpn_channels=32", "run.num_overlays=0")
-    Trainer(tiny_config(out, *overrides), show_progress=False).train()
-    return out
 
 
 @pytest.fixture(scope="module")
