@@ -28,10 +28,9 @@ EXACT = [
 ]
 
 
-def _torchrun(
-    out: Path, nproc: int, *overrides: str, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    cmd = [
+def _train_command(out: Path, nproc: int, *overrides: str) -> list[str]:
+    """``maskrcnn train --nproc N`` on the tiny config, writing to ``out``."""
+    return [
         sys.executable,
         "-m",
         "maskrcnn",
@@ -44,8 +43,21 @@ def _torchrun(
         f"run.output_dir={out}",
         *overrides,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(
+    out: Path, nproc: int, *overrides: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _train_command(out, nproc, *overrides),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+    )
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path: Path) -> None:
@@ -82,26 +94,13 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path: Path) -> N
 
 def test_a_dead_rank_ends_the_job_instead_of_hanging(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "maskrcnn",
-        "train",
-        "--nproc",
-        "2",
-        "--config",
-        str(_empty_config(out)),
-        *TINY,
-        f"run.output_dir={out}",
-        "solver.max_iter=100000",
-        "run.dist_timeout_s=30",
-    ]
+    cmd = _train_command(out, 2, "solver.max_iter=100000", "run.dist_timeout_s=30")
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=ENV,
         start_new_session=True,
     )
     try:
