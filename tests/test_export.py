@@ -201,7 +201,9 @@ def test_cli_errors_name_the_problem(
 
 def test_export_graph_equals_the_eager_model_exactly(exported: Exported) -> None:
     """Without folding or exporting: the graph's code computes what the model computes, bit
-    for bit, also for extreme aspect ratios (a pyramid level of size 1)."""
+    for bit, also for extreme aspect ratios (a pyramid level of size 1). Mask probabilities
+    sum the same terms, the graph over whole image rows, the model over box windows, so they
+    may differ in the last bit."""
     graph = ExportableMaskRCNN(exported.model).eval()
     image = val_images(exported.run)[1]
     for size in [(64, 64), (37, 300), (400, 30), (20, 20)]:
@@ -210,7 +212,10 @@ def test_export_graph_equals_the_eager_model_exactly(exported: Exported) -> None
         with torch.no_grad():
             outputs = dict(zip(NAMES, graph(x), strict=True))
         for name in NAMES:
-            assert torch.equal(outputs[name], reference[name]), (size, name)
+            if name == "masks":
+                assert torch.allclose(outputs[name], reference[name], rtol=0, atol=1e-6), size
+            else:
+                assert torch.equal(outputs[name], reference[name]), (size, name)
 
 
 def test_paste_equals_paste_masks() -> None:

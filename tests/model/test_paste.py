@@ -38,6 +38,29 @@ def test_paste_matches_torchvision() -> None:
     assert iou >= 0.99
 
 
+def test_windows_shared_by_boxes_of_different_shapes() -> None:
+    # Pasted two at a time, a tall box and a wide one share a window as tall as the first
+    # and as wide as the second; near the image's far edges the window must shift inward.
+    masks = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    boxes = torch.tensor(
+        [[290.0, 5, 300, 200], [10, 200, 290, 215], [0, 0, 5, 5], [150, 100, 160, 110]]
+    )
+    for group in (1, 2, 4):
+        ours = paste_masks(masks, boxes, (217, 303), group=group)
+        ref = paste_masks_in_image(masks, boxes, (217, 303))
+        assert (ours - ref).abs().max().item() <= 1e-5, group
+
+
+def test_output_is_an_ordinary_writable_tensor() -> None:
+    masks = torch.ones(3, 1, 28, 28)
+    boxes = torch.tensor([[10.0, 10, 20, 20], [0, 0, 59, 49], [30, 5, 31, 6]])
+    out = paste_masks(masks, boxes, (50, 60))
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    assert out[0, 0, 30:, :].sum().item() == 0.0  # untouched pages read as zeros
+    out += 1  # writable everywhere
+    assert out.min().item() >= 1.0
+
+
 def test_box_outside_the_image_pastes_nothing() -> None:
     # torchvision's loop raises on such a box; detections are clipped, other callers may not be
     masks = torch.ones(2, 1, 28, 28)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -64,52 +67,103 @@ def expand_boxes(boxes: Tensor, scale: float) -> Tensor:
     return torch.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], dim=1)
 
 
-def interp_matrix(start: Tensor, end: Tensor, length: int, src: int,
-                  dtype: torch.dtype = torch.float32) -> Tensor:
+def interp_matrix(
+    start: Tensor,
+    end: Tensor,
+    length: int,
+    src: int,
+    dtype: torch.dtype = torch.float32,
+    offset: Tensor | None = None,
+) -> Tensor:
     """Bilinear resampling weights (N, length, src) that stretch a ``src``-pixel row onto
-    pixels [start, end] of a ``length``-pixel line (integer bounds, zero elsewhere), with
-    ``F.interpolate(mode="bilinear", align_corners=False)``'s sampling positions. Built
-    from one-hot comparisons (no in-place scatter), so the ONNX export uses it as is."""
+    pixels [start, end] of a line (integer bounds, zero elsewhere), with
+    ``F.interpolate(mode="bilinear", align_corners=False)``'s sampling positions. Row ``i``
+    holds the weights of pixel ``offset + i`` (``offset`` (N,), zero by default: the whole
+    line). Built from one-hot comparisons (no in-place scatter), so the ONNX export uses it
+    as is."""
     size = (end - start + 1).clamp(min=1).to(torch.float32)
-    pos = torch.arange(length, device=start.device, dtype=torch.float32)
-    d = pos[None, :] - start[:, None].to(torch.float32)  # (N, L)
+    pos = torch.arange(length, device=start.device, dtype=torch.float32)[None, :]
+    if offset is not None:
+        pos = pos + offset[:, None].to(torch.float32)
+    d = pos - start[:, None].to(torch.float32)  # (N, L)
     x = ((src / size)[:, None] * (d + 0.5) - 0.5).clamp(min=0)
     i0 = x.floor().clamp(max=src - 1)
     l1 = x - i0
     i0 = i0.long()
     i1 = (i0 + 1).clamp(max=src - 1)
-    valid = ((pos[None, :] >= start[:, None]) & (pos[None, :] <= end[:, None])).to(torch.float32)
+    valid = ((pos >= start[:, None]) & (pos <= end[:, None])).to(torch.float32)
     cols = torch.arange(src, device=start.device)
     w0 = (i0[..., None] == cols).to(torch.float32) * ((1 - l1) * valid)[..., None]
     w1 = (i1[..., None] == cols).to(torch.float32) * (l1 * valid)[..., None]
     return (w0 + w1).to(dtype)
 
 
+def zeros_lazy(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.zeros``; on CPU backed by a fresh anonymous memory map, whose pages the
+    operating system maps as zeros when first touched instead of being written up front.
+    An image-sized mask per detection is mostly zeros: only the pages under the boxes get
+    written, which saves most of the time and resident memory of a large paste. (Plain
+    4-KiB pages on purpose: a transparent huge page would be zeroed whole on first touch.)
+    """
+    numel = math.prod(shape)
+    if device.type != "cpu" or numel == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    buffer = mmap.mmap(-1, numel * itemsize)
+    return torch.frombuffer(buffer, dtype=dtype, count=numel).view(shape)
+
+
 def paste_masks(
-    masks: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1, chunk: int = 256
+    masks: Tensor,
+    boxes: Tensor,
+    image_size: tuple[int, int],
+    padding: int = 1,
+    group: int = 8,
+    budget: int = 1 << 21,
 ) -> Tensor:
     """Paste (N, 1, M, M) mask probabilities into (N, 1, H, W) image-sized masks.
 
-    Same result as torchvision's ``paste_masks_in_image`` (pad the mask by one pixel, grow
+    Same values as torchvision's ``paste_masks_in_image`` (pad the mask by one pixel, grow
     the box to match, round it to integers, bilinear resize into the box) without a Python
-    loop over masks: bilinear resizing is separable, so each mask becomes
-    ``Wy @ mask @ Wx^T`` with sparse (H, M) and (W, M) weight matrices. Memory beyond the
-    output is O(N * (H + W) * M), never N x H x W.
+    loop over masks. Bilinear resizing is separable, so the pixels under a box are
+    ``Wy @ mask @ Wx^T`` with (h, M) and (w, M) weight matrices. Masks are sorted by box
+    size and resized ``group`` at a time (fewer when their windows would exceed ``budget``
+    pixels) into a window as large as the group's largest box, which is written in place
+    with one indexed copy. The work is proportional to the box
+    areas, not to N x H x W, and the rest of the output stays untouched zeros.
     """
     n = masks.shape[0]
     h, w = image_size
+    out = zeros_lazy((n, 1, h, w), masks.dtype, masks.device)
     if n == 0:
-        return masks.new_zeros((0, 1, h, w))
+        return out
     padded = F.pad(masks[:, 0], (padding, padding, padding, padding))
     side = padded.shape[-1]
-    scale = float(side) / masks.shape[-1]
-    ib = expand_boxes(boxes, scale).to(torch.int64)
-    out = masks.new_empty((n, 1, h, w))
-    for s in range(0, n, chunk):
-        b = ib[s : s + chunk]
-        wy = interp_matrix(b[:, 1], b[:, 3], h, side, masks.dtype)
-        wx = interp_matrix(b[:, 0], b[:, 2], w, side, masks.dtype)
-        torch.bmm(
-            torch.bmm(wy, padded[s : s + chunk]), wx.transpose(1, 2), out=out[s : s + chunk, 0]
-        )
+    ib = expand_boxes(boxes, float(side) / masks.shape[-1]).to(torch.int64)
+    # The pixels of each box inside the image: from ``lo``, ``extent`` rows and columns.
+    lo = torch.stack([ib[:, 1].clamp(min=0), ib[:, 0].clamp(min=0)], 1)
+    hi = torch.stack([ib[:, 3].clamp(max=h - 1), ib[:, 2].clamp(max=w - 1)], 1)
+    extent = (hi - lo + 1).clamp(min=0)  # (N, 2)
+    inside = torch.where(extent.prod(1) > 0)[0]
+    # Tallest first: a group's window is as tall as its tallest box, and rows cost pages.
+    order = inside[(extent[inside, 0] * (w + 1) + extent[inside, 1]).argsort(descending=True)]
+    flat = out.view(-1)
+    start = 0
+    while start < order.numel():
+        g = max(1, min(group, budget // int(extent[order[start]].prod())))
+        idx = order[start : start + g]
+        start += g
+        wh, ww = (int(v) for v in extent[idx].max(0).values)
+        # Windows of the group's size, shifted where needed to stay inside the image. The
+        # weights are zero outside each box, so a window past its box writes only zeros.
+        top = lo[idx, 0].clamp(max=h - wh)
+        left = lo[idx, 1].clamp(max=w - ww)
+        b = ib[idx]
+        wy = interp_matrix(b[:, 1], b[:, 3], wh, side, masks.dtype, offset=top)
+        wx = interp_matrix(b[:, 0], b[:, 2], ww, side, masks.dtype, offset=left)
+        local = torch.bmm(torch.bmm(wy, padded[idx]), wx.transpose(1, 2))  # (g, wh, ww)
+        r = torch.arange(wh, device=top.device)[None, :, None]
+        c = torch.arange(ww, device=top.device)[None, None, :]
+        pixel = (idx * (h * w) + top * w + left)[:, None, None] + r * w + c
+        flat.index_copy_(0, pixel.view(-1), local.view(-1))
     return out
