@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cpu_supports_bf16() -> bool:
@@ -36,8 +37,7 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     """The autocast context for ``precision`` (a no-op for fp32)."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:

@@ -7,13 +7,17 @@ from torch import Tensor, nn
 
 from maskrcnn.config import ModelConfig
 from maskrcnn.model.backbone import build_backbone
-from maskrcnn.model.fast import default_fast_precision, fold_frozen_batchnorm
+from maskrcnn.model.fast import (
+    cast_autocast_weights,
+    default_fast_precision,
+    fold_frozen_batchnorm,
+)
 from maskrcnn.model.postprocess import paste_masks
 from maskrcnn.model.preprocess import Preprocessor, scale_boxes
 from maskrcnn.model.roi_heads import RoIHeads
 from maskrcnn.model.rpn import RegionProposalNetwork
 from maskrcnn.model.validation import check_images, check_targets
-from maskrcnn.precision import autocast
+from maskrcnn.precision import DTYPES, autocast
 from maskrcnn.structures.image_batch import ImageBatch
 
 LOSS_WEIGHT_NAMES = {
@@ -95,6 +99,8 @@ class MaskRCNN(nn.Module):
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
         fold_frozen_batchnorm(self.backbone)
+        if precision != "fp32":
+            cast_autocast_weights(self, DTYPES[precision])
         self.inference_precision = precision
         self.channels_last = channels_last
         if channels_last:

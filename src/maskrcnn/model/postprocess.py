@@ -44,10 +44,29 @@ def detect_boxes(
         labels = labels[:, 1:].reshape(-1)
         keep = torch.where(scores > score_thresh)[0]
         keep = keep[remove_small_boxes(boxes[keep], min_size=1e-2)]
-        keep = keep[batched_nms(boxes[keep], scores[keep], labels[keep], nms_thresh)]
-        keep = keep[:max_detections]
+        keep = keep[
+            best_after_nms(boxes[keep], scores[keep], labels[keep], nms_thresh, max_detections)
+        ]
         out.append((boxes[keep], scores[keep], labels[keep]))
     return out
+
+
+def best_after_nms(
+    boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float, k: int
+) -> Tensor:
+    """``batched_nms(boxes, scores, groups, iou_threshold)[:k]`` without suppressing among
+    all candidates: greedy NMS decides each box from the higher-scored ones alone, so NMS
+    over the ``m`` best candidates decides exactly for those ``m``. Once it keeps ``k`` of
+    them, the rest cannot make the top ``k``; otherwise ``m`` doubles. With a low score
+    threshold (thousands of candidates over many classes) this is most of the saving."""
+    order = scores.argsort(descending=True, stable=True)
+    m = min(order.numel(), max(8 * k, 512))
+    while True:
+        best = order[:m]
+        kept = batched_nms(boxes[best], scores[best], groups[best], iou_threshold)
+        if kept.numel() >= k or m == order.numel():
+            return best[kept[:k]]
+        m = min(order.numel(), 2 * m)
 
 
 def select_mask_probs(mask_logits: Tensor, labels: Tensor) -> Tensor:
@@ -127,10 +146,10 @@ def paste_masks(
     the box to match, round it to integers, bilinear resize into the box) without a Python
     loop over masks. Bilinear resizing is separable, so the pixels under a box are
     ``Wy @ mask @ Wx^T`` with (h, M) and (w, M) weight matrices. Masks are sorted by box
-    size and resized ``group`` at a time (fewer when their windows would exceed ``budget``
+    height and resized ``group`` at a time (fewer when their rows would exceed ``budget``
     pixels) into a window as large as the group's largest box, which is written in place
-    with one indexed copy. The work is proportional to the box
-    areas, not to N x H x W, and the rest of the output stays untouched zeros.
+    with one indexed copy. The work is proportional to the box areas, not to N x H x W,
+    and the rest of the output stays untouched zeros (see ``zeros_lazy``).
     """
     n = masks.shape[0]
     h, w = image_size
@@ -145,15 +164,16 @@ def paste_masks(
     hi = torch.stack([ib[:, 3].clamp(max=h - 1), ib[:, 2].clamp(max=w - 1)], 1)
     extent = (hi - lo + 1).clamp(min=0)  # (N, 2)
     inside = torch.where(extent.prod(1) > 0)[0]
-    # Tallest first: a group's window is as tall as its tallest box, and rows cost pages.
-    order = inside[(extent[inside, 0] * (w + 1) + extent[inside, 1]).argsort(descending=True)]
-    flat = out.view(-1)
+    # Tallest first, so that the boxes of a group need windows of about the same height.
+    order = inside[extent[inside, 0].argsort(descending=True, stable=True)]
+    rows_of = out.view(n * h, w)
     start = 0
     while start < order.numel():
-        g = max(1, min(group, budget // int(extent[order[start]].prod())))
+        wh = int(extent[order[start], 0])
+        g = max(1, min(group, budget // (wh * w)))
         idx = order[start : start + g]
         start += g
-        wh, ww = (int(v) for v in extent[idx].max(0).values)
+        ww = int(extent[idx, 1].max())
         # Windows of the group's size, shifted where needed to stay inside the image. The
         # weights are zero outside each box, so a window past its box writes only zeros.
         top = lo[idx, 0].clamp(max=h - wh)
@@ -162,8 +182,7 @@ def paste_masks(
         wy = interp_matrix(b[:, 1], b[:, 3], wh, side, masks.dtype, offset=top)
         wx = interp_matrix(b[:, 0], b[:, 2], ww, side, masks.dtype, offset=left)
         local = torch.bmm(torch.bmm(wy, padded[idx]), wx.transpose(1, 2))  # (g, wh, ww)
-        r = torch.arange(wh, device=top.device)[None, :, None]
-        c = torch.arange(ww, device=top.device)[None, None, :]
-        pixel = (idx * (h * w) + top * w + left)[:, None, None] + r * w + c
-        flat.index_copy_(0, pixel.view(-1), local.view(-1))
+        row = (idx * h + top)[:, None, None] + torch.arange(wh, device=top.device)[:, None]
+        col = left[:, None, None] + torch.arange(ww, device=top.device)
+        rows_of[row, col] = local
     return out

@@ -7,18 +7,16 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import MultiScaleRoIAlign, box_iou
-from torchvision.ops.poolers import initLevelMapper
+from torchvision.ops import box_iou
 
 from maskrcnn.config import ModelConfig
 from maskrcnn.model.box_coder import BoxCoder
 from maskrcnn.model.losses import fastrcnn_loss, mask_targets, maskrcnn_loss
 from maskrcnn.model.mask_head import MaskHead, MaskPredictor
 from maskrcnn.model.matcher import Matcher
+from maskrcnn.model.pooler import MultiLevelRoIAlign, poolable
 from maskrcnn.model.postprocess import detect_boxes, select_mask_probs
 from maskrcnn.model.sampler import BalancedSampler
-
-FEATURE_NAMES = ["0", "1", "2", "3"]
 
 
 class TwoMLPHead(nn.Module):
@@ -68,15 +66,10 @@ class RoIHeads(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         ch = cfg.fpn_channels
-        self.box_roi_pool = MultiScaleRoIAlign(FEATURE_NAMES, output_size=7, sampling_ratio=2)
+        self.box_roi_pool = MultiLevelRoIAlign(output_size=7, sampling_ratio=2)
         self.box_head = TwoMLPHead(ch * 7 * 7, 1024)
         self.box_predictor = BoxPredictor(1024, cfg.num_classes)
-        self.mask_roi_pool = MultiScaleRoIAlign(FEATURE_NAMES, output_size=14, sampling_ratio=2)
-        # The FPN's strides are known: fixing the scales up front stops MultiScaleRoIAlign
-        # from inferring (and caching for good) wrong ones from a tiny or elongated first image.
-        for pool in (self.box_roi_pool, self.mask_roi_pool):
-            pool.scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
-            pool.map_levels = initLevelMapper(2, 5)
+        self.mask_roi_pool = MultiLevelRoIAlign(output_size=14, sampling_ratio=2)
         # The mask branch is as wide as the FPN (256 in torchvision's layout).
         self.mask_head = MaskHead(ch, (ch,) * 4)
         self.mask_predictor = MaskPredictor(
@@ -96,6 +89,7 @@ class RoIHeads(nn.Module):
         image_sizes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]] | None = None,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        features = poolable(features)
         if targets is not None:
             return [], self.losses(features, proposals, image_sizes, targets)
         return self.detect(features, proposals, image_sizes), {}
