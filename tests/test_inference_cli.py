@@ -159,3 +159,28 @@ def test_eval_with_tta_reports_both_side_by_side(
     ]
     assert (out / "metrics.json").is_file() and (out / "tta" / "metrics.json").is_file()
     assert (out / "tta" / "pr_curve_segm.png").is_file()
+
+
+def test_eval_with_fast_reports_exact_and_fast_side_by_side(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "eval"
+    argv = ["eval", str(run / "last.pth"), "--data", str(run / "data" / "val.json"),
+            "--out", str(out), "--fast", "--fast-precision", "fp32"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {tuple(line.split()[:2]): line.split() for line in lines
+            if line.startswith(("bbox", "segm"))}
+    assert set(rows) >= {("segm", "fast"), ("bbox", "fast")}
+    exact = json.loads((out / "metrics.json").read_text())
+    fast = json.loads((out / "fast" / "metrics.json").read_text())
+    for iou_type in ("bbox", "segm"):  # fp32 folding changes float rounding only
+        assert fast[iou_type]["AP"] == pytest.approx(exact[iou_type]["AP"], abs=1e-3)
+
+
+def test_fast_is_refused_with_onnxruntime(run: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["predict", str(tmp_path / "m.onnx"), str(run / "data" / "val"), "--out",
+            str(tmp_path / "o"), "--backend", "onnxruntime", "--fast"]
+    assert main(argv) == 1
+    assert "--fast is not available" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
+from torchvision.ops import FrozenBatchNorm2d
 
 from maskrcnn.data.errors import DatasetError
 from maskrcnn.data.image_io import read_image
@@ -103,6 +104,17 @@ def test_thresholds_limits_and_output_fields(run: Path) -> None:
     assert len(above) == int((full.scores >= cut).sum()) and (above.scores >= cut).all()
     p.score_thresh, p.max_detections = 0.0, 2
     assert torch.equal(_single(p(path)).scores, full.scores[:2])
+
+
+def test_optimize_switches_to_the_fast_path(run: Path, predictor: Predictor) -> None:
+    fast = Predictor.from_checkpoint(run / "last.pth", score_thresh=0.0, optimize="fp32")
+    assert fast.model.channels_last and fast.model.inference_precision == "fp32"
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in fast.model.modules())
+    path = _images(run)[0]
+    ref, out = _single(predictor(path)), _single(fast(path))
+    assert torch.equal(out.labels, ref.labels)
+    assert torch.allclose(out.boxes, ref.boxes, atol=1e-2)
+    assert torch.allclose(out.scores, ref.scores, atol=1e-4)
 
 
 def test_outputs_are_ordinary_cpu_tensors(run: Path, predictor: Predictor) -> None:

@@ -31,17 +31,26 @@ from maskrcnn.model.postprocess import paste_masks
 from maskrcnn.precision import autocast, cpu_supports_bf16
 
 
-def build_models(weights: str | None = None, seed: int = 0) -> tuple[MaskRCNN, TVMaskRCNN]:
+def build_models(
+    weights: str | None = None, seed: int = 0, resize: tuple[int, int] = (800, 1333)
+) -> tuple[MaskRCNN, TVMaskRCNN]:
     """Ours and torchvision's ResNet-50-FPN with identical weights (random unless a
     torchvision-layout state dict or one of our checkpoints is given), score threshold 0 so
-    that each image yields the full 100 detections."""
+    that each image yields the full 100 detections; ``resize``: (min_size, max_size)."""
     torch.manual_seed(seed)
-    ours = MaskRCNN(ModelConfig(backbone="resnet50", box_score_thresh=0.0))
+    cfg = ModelConfig(
+        backbone="resnet50", box_score_thresh=0.0, min_size=resize[0], max_size=resize[1]
+    )
+    ours = MaskRCNN(cfg)
     if weights:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         ours.load_state_dict(state.get("model", state))
     theirs = TVMaskRCNN(
-        _resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3), 91, box_score_thresh=0.0
+        _resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3),
+        91,
+        box_score_thresh=0.0,
+        min_size=resize[0],
+        max_size=resize[1],
     )
     theirs.load_state_dict(ours.state_dict())
     return ours.eval(), theirs.eval()
@@ -179,9 +188,11 @@ def bench_paste(size: tuple[int, int], repeats: int) -> dict[str, float]:
 
 
 def bench_loading(num_images: int, image_size: int, repeats: int) -> dict[str, float]:
-    """Seconds per sample, decoded with masks and boxes, of our COCO dataset and of
-    torchvision's ``CocoDetection`` wrapped for transforms v2 (masks and boxes)."""
+    """Seconds per sample, decoded to a float image with boxes, labels and masks: our COCO
+    dataset with its eval transforms, and torchvision's ``CocoDetection`` wrapped for
+    transforms v2 with ``ToImage`` + ``ToDtype(float32, scale=True)``."""
     from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+    from torchvision.transforms import v2
 
     from maskrcnn.data.coco import CocoDataset
     from maskrcnn.data.synthetic import make_synthetic_coco
@@ -190,14 +201,12 @@ def bench_loading(num_images: int, image_size: int, repeats: int) -> dict[str, f
     tmp = Path(tempfile.mkdtemp(prefix="maskrcnn-bench-"))
     ann = make_synthetic_coco(tmp, num_images, size=image_size, seed=0)
     ours = CocoDataset(ann, tmp, transforms=build_transforms(None, train=False))
+    root = tmp / "train" if (tmp / "train" / ours.image_info(0)["file_name"]).is_file() else tmp
+    to_float = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
     tv = wrap_dataset_for_transforms_v2(
-        CocoDetection(str(tmp / "train"), str(ann)),
+        CocoDetection(str(root), str(ann), transforms=to_float),
         target_keys=("boxes", "labels", "masks", "image_id"),
     )
-    if not (tmp / "train" / ours.image_info(0)["file_name"]).is_file():
-        tv = wrap_dataset_for_transforms_v2(
-            CocoDetection(str(tmp), str(ann)), target_keys=("boxes", "labels", "masks", "image_id")
-        )
 
     def read_all(ds: Any) -> None:
         for i in range(len(ds)):
@@ -262,14 +271,18 @@ def run(
     repeats: int = 3,
     weights: str | None = None,
     skip: tuple[str, ...] = (),
+    resize: tuple[int, int] = (800, 1333),
+    loading_images: int = 32,
 ) -> dict[str, Any]:
-    """All measurements; returns the JSON-able report (seconds, ratios vs torchvision)."""
+    """All measurements; returns the JSON-able report (seconds, ratios vs torchvision).
+    ``resize`` is the models' (min_size, max_size), torchvision's default unless testing."""
     precision = "bf16" if cpu_supports_bf16() else "fp32"
-    ours, theirs = build_models(weights)
+    ours, theirs = build_models(weights, resize=resize)
     report: dict[str, Any] = {
         "machine": machine(),
         "image_size": list(size),
         "fast_precision": precision,
+        "weights": weights or "random",
     }
     if "inference" not in skip:
         times, agreement = bench_inference(ours, theirs, size, repeats, precision)
@@ -280,7 +293,7 @@ def run(
     if "paste" not in skip:
         report["paste_100_masks_s"] = bench_paste(size, repeats * 3)
     if "loading" not in skip:
-        report["loading_s_per_sample"] = bench_loading(32, 512, repeats)
+        report["loading_s_per_sample"] = bench_loading(loading_images, 512, repeats)
     if "memory" not in skip:
         report["inference_peak_mib"] = bench_peak_memory(size, precision)
     if "onnx" not in skip:
@@ -328,6 +341,12 @@ def format_report(report: dict[str, Any]) -> str:
             f"fast vs exact outputs: box IoU {a['box_iou']:.4f}, mask IoU "
             f"{a['mask_iou']:.4f}, |score diff| {a['score_diff']:.5f}"
         )
+        if report.get("weights", "random") == "random":
+            lines.append(
+                "  (random weights: near-equal scores of an untrained model reorder under "
+                "bf16, so this agreement says little; pass --weights, or compare AP with "
+                "`maskrcnn eval --fast`)"
+            )
     return "\n".join(lines)
 
 

@@ -76,11 +76,22 @@ def tta_from_args(args: argparse.Namespace) -> TTAConfig | None:
     return TTAConfig(hflip=True, vflip=args.tta_vflip, scales=scales, merge=args.tta_merge)
 
 
-def load_predictor(args: argparse.Namespace, score_thresh: float) -> Predictor | None:
+def fast_from_args(args: argparse.Namespace) -> str | None:
+    """The precision of the fast inference path, or None without ``--fast``."""
+    return args.fast_precision if args.fast else None
+
+
+def load_predictor(
+    args: argparse.Namespace, score_thresh: float, optimize: str | None = None
+) -> Predictor | None:
     """The checkpoint's predictor, or None after printing why it cannot be loaded."""
     try:
         return Predictor.from_checkpoint(
-            args.checkpoint, device=args.device, score_thresh=score_thresh, tta=tta_from_args(args)
+            args.checkpoint,
+            device=args.device,
+            score_thresh=score_thresh,
+            tta=tta_from_args(args),
+            optimize=optimize,
         )
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -90,9 +101,11 @@ def load_predictor(args: argparse.Namespace, score_thresh: float) -> Predictor |
 def load_onnx_predictor(args: argparse.Namespace) -> OnnxPredictor | None:
     """``--backend onnxruntime``: a predictor for the exported ONNX file, or None after
     printing why it cannot be used."""
-    if args.tta:
-        print("error: --tta is not available with --backend onnxruntime", file=sys.stderr)
-        return None
+    for flag in ("tta", "fast"):
+        if getattr(args, flag):
+            print(f"error: --{flag} is not available with --backend onnxruntime",
+                  file=sys.stderr)
+            return None
     try:
         return OnnxPredictor(args.checkpoint, score_thresh=args.score_thresh)
     except (ImportError, ValueError) as err:
@@ -155,7 +168,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.backend == "onnxruntime":
         predictor = load_onnx_predictor(args)
     else:
-        predictor = load_predictor(args, args.score_thresh)
+        predictor = load_predictor(args, args.score_thresh, optimize=fast_from_args(args))
     if predictor is None:
         return 1
     files, skipped = find_images(args.inputs)
@@ -243,17 +256,20 @@ def evaluate_predictor(
 
 def format_comparison(rows: Sequence[tuple[str, dict[str, Any], float]]) -> str:
     """One line per IoU type and run (``rows``: name, metrics, seconds per image)."""
-    lines = [f"{'':10}" + "".join(f"{k:>8}" for k in KEYS) + f"{'s/img':>9}"]
+    width = max(len(name) for name, _, _ in rows) + 6
+    lines = [" " * width + "".join(f"{k:>8}" for k in KEYS) + f"{'s/img':>9}"]
     for iou_type in ("bbox", "segm"):
         for name, metrics, seconds in rows:
             values = "".join(f"{metrics[iou_type][k]:8.3f}" for k in KEYS)
-            lines.append(f"{(iou_type + ' ' + name).strip():10}{values}{seconds:9.3f}")
+            lines.append(f"{(iou_type + ' ' + name).strip():{width}}{values}{seconds:9.3f}")
     return "\n".join(lines)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    predictor = load_predictor(args, score_thresh=0.0)
-    if predictor is None:
+    predictors = {"": load_predictor(args, score_thresh=0.0)}
+    if args.fast:
+        predictors["fast"] = load_predictor(args, 0.0, optimize=fast_from_args(args))
+    if any(p is None for p in predictors.values()):
         return 1
     try:
         dataset = CocoDataset(args.data, args.images, search_subfolders=args.search_subfolders)
@@ -261,20 +277,24 @@ def _run_eval(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
-    runs: list[tuple[str, TTAConfig | None, Path]] = [("", None, out)]
-    if predictor.tta is not None:
-        runs.append(("TTA", predictor.tta, out / "tta"))
     skipped: dict[int, str] = {}
     rows: list[tuple[str, dict[str, Any], float]] = []
-    for name, tta, folder in runs:
-        predictor.tta = tta
-        evaluator, seconds, done = evaluate_predictor(
-            predictor, dataset, args.batch_size, skipped, desc=f"eval {name}".strip()
-        )
-        if done == 0:
-            print(f"error: none of the {len(dataset)} images could be read", file=sys.stderr)
-            return 1
-        rows.append((name, evaluator.save(folder), seconds))
+    folders = []
+    for mode, predictor in predictors.items():
+        assert predictor is not None
+        tta = predictor.tta
+        for name, view in (("", None), ("TTA", tta)) if tta is not None else (("", None),):
+            predictor.tta = view
+            label = " ".join(x for x in (mode, name) if x)
+            evaluator, seconds, done = evaluate_predictor(
+                predictor, dataset, args.batch_size, skipped, desc=f"eval {label}".strip()
+            )
+            if done == 0:
+                print(f"error: none of the {len(dataset)} images could be read", file=sys.stderr)
+                return 1
+            folder = out.joinpath(*(x.lower() for x in (mode, name) if x))
+            rows.append((label, evaluator.save(folder), seconds))
+            folders.append(folder)
     print(f"evaluated {done} images of {args.data}, skipped {len(skipped)}")
     for image_id, reason in skipped.items():
         print(f"  skipped image id {image_id}: {reason}")
@@ -283,7 +303,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         print(f"{rows[0][2]:.3f} s per image")
     else:
         print(format_comparison(rows))
-    print(f"metrics and PR curves: {', '.join(str(r[2]) for r in runs)}")
+    print(f"metrics and PR curves: {', '.join(str(f) for f in folders)}")
     return 0
 
 
@@ -305,6 +325,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="with --tta: scales of the model's input size (default 1.0)")
     p.add_argument("--tta-merge", choices=("nms", "wbf"), default="nms",
                    help="with --tta: merge boxes by per-class NMS or weighted box fusion")
+    p.add_argument("--fast", action="store_true",
+                   help="fast inference path: frozen BatchNorm folded into the convolutions, "
+                   "channels-last, reduced-precision autocast (see --fast-precision)")
+    p.add_argument("--fast-precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="with --fast (default auto: bf16 on CPUs with native bf16, fp16 on "
+                   "CUDA, else fp32)")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -329,7 +355,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     e = subparsers.add_parser(
         "eval", help="COCO box and mask AP of a checkpoint",
         description="COCO box and mask AP on a dataset; writes metrics.json and PR curves. "
-        "With --tta: AP and seconds per image without and with TTA, side by side.",
+        "With --tta and/or --fast: AP and seconds per image of each variant, side by side "
+        "(results in DIR/tta, DIR/fast, DIR/fast/tta).",
     )
     _add_common(e)
     e.add_argument("--data", required=True, metavar="VAL.json", help="COCO annotation file")

@@ -135,7 +135,10 @@ class Predictor:
     ``box_score_thresh`` applies first), at most ``max_detections`` are kept per image, and
     masks are binarised at ``mask_threshold``. ``tta``: a :class:`TTAConfig` to predict with
     test-time augmentation, or None. ``class_names[label]`` names a label (index 0 is the
-    background); ``label_to_cat_id`` maps labels to COCO category ids.
+    background); ``label_to_cat_id`` maps labels to COCO category ids. ``optimize``: None
+    runs the model as it is (torchvision's arithmetic); a precision (``auto``, ``fp32``,
+    ``bf16``, ``fp16``) switches it, in place, to the fast inference path of
+    :meth:`MaskRCNN.optimize_for_inference`.
     """
 
     def __init__(
@@ -148,9 +151,12 @@ class Predictor:
         max_detections: int = 100,
         mask_threshold: float = 0.5,
         tta: TTAConfig | None = None,
+        optimize: str | None = None,
     ) -> None:
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
+        if optimize is not None:
+            self.model.optimize_for_inference(optimize)
         self.class_names = list(class_names) if class_names is not None else None
         self.label_to_cat_id = dict(label_to_cat_id) if label_to_cat_id is not None else None
         self.score_thresh = score_thresh
@@ -167,6 +173,7 @@ class Predictor:
         max_detections: int = 100,
         mask_threshold: float = 0.5,
         tta: TTAConfig | None = None,
+        optimize: str | None = None,
     ) -> Predictor:
         """A predictor for a checkpoint written by the trainer (read with
         ``weights_only=True``); raises :class:`CheckpointError` if it is not one."""
@@ -194,6 +201,7 @@ class Predictor:
             max_detections=max_detections,
             mask_threshold=mask_threshold,
             tta=tta,
+            optimize=optimize,
         )
 
     def __call__(

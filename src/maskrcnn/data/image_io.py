@@ -78,7 +78,10 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> t
             _check_pixels(path, img.size, max_pixels)
             # load() inside the try: a truncated file opens fine and fails only on decoding.
             img.load()
-            array = np.array(_to_rgb(ImageOps.exif_transpose(img)), dtype=np.uint8)
+            upright: Image.Image = img
+            if img.getexif().get(_EXIF_ORIENTATION_TAG, 1) != 1:
+                upright = ImageOps.exif_transpose(img)  # a transposed copy
+            array = np.array(_to_rgb(upright), dtype=np.uint8)
     except UnidentifiedImageError as e:
         raise DatasetError(f"{path}: not an image file PIL can read") from e
     except Image.DecompressionBombError as e:
