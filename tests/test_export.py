@@ -84,7 +84,12 @@ def resized(image: Tensor, size: tuple[int, int]) -> Tensor:
 def cases(exported: Exported) -> list[Tensor]:
     """Images at three sizes the export never saw, and one on which the model finds nothing."""
     images = val_images(exported.run)
-    flat = [torch.full((3, 64, 64), v) for v in (0.0, 0.5, 1.0)]
+    stripes = (torch.arange(64) % 2).float()
+    flat = [torch.full((3, 64, 64), v) for v in (0.0, 0.5, 1.0)] + [
+        stripes[:, None].expand(3, 64, 64).clone(),  # fine textures no shape has
+        stripes[None, :].expand(3, 64, 64).clone(),
+        (stripes[:, None] + stripes[None, :]).remainder(2).expand(3, 64, 64).clone(),
+    ]
     empty = [im for im in images + flat if len(exported.model.infer([im])[0]["boxes"]) == 0]
     assert empty, "the tiny model should find nothing on some validation image"
     found = [im for im in images if len(exported.model.infer([im])[0]["boxes"]) > 0]

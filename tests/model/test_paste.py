@@ -8,7 +8,7 @@ import sys
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from maskrcnn.model.postprocess import paste_masks
+from maskrcnn.model.postprocess import paste_masks, zeros_lazy
 
 
 def _random_case(n: int, h: int, w: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +59,15 @@ def test_output_is_an_ordinary_writable_tensor() -> None:
     assert out[0, 0, 30:, :].sum().item() == 0.0  # untouched pages read as zeros
     out += 1  # writable everywhere
     assert out.min().item() >= 1.0
+
+
+def test_lazy_zeros_are_zeros_and_writable() -> None:
+    big = zeros_lazy((3, 1, 1024, 1024), torch.float32, torch.device("cpu"))  # 12 MiB: mapped
+    small = zeros_lazy((3, 1, 8, 8), torch.float32, torch.device("cpu"))
+    for t in (big, small):
+        assert t.dtype == torch.float32 and t.is_contiguous() and t.abs().sum().item() == 0.0
+        t[1, 0, -1, -1] = 2.0
+        assert t.sum().item() == 2.0
 
 
 def test_box_outside_the_image_pastes_nothing() -> None:

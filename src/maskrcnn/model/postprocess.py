@@ -117,6 +117,9 @@ def interp_matrix(
     return (w0 + w1).to(dtype)
 
 
+LAZY_ZEROS_MIN_BYTES = 1 << 22
+
+
 def zeros_lazy(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """``torch.zeros``; on CPU backed by a fresh anonymous memory map, whose pages the
     operating system maps as zeros when first touched instead of being written up front.
@@ -124,12 +127,12 @@ def zeros_lazy(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     written, which saves most of the time and resident memory of a large paste. (Plain
     4-KiB pages on purpose: a transparent huge page would be zeroed whole on first touch.)
     """
-    numel = math.prod(shape)
-    if device.type != "cpu" or numel == 0:
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    # Small outputs are cheap to zero, and each map counts against the process's limit.
+    if device.type != "cpu" or nbytes < LAZY_ZEROS_MIN_BYTES:
         return torch.zeros(shape, dtype=dtype, device=device)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    buffer = mmap.mmap(-1, numel * itemsize)
-    return torch.frombuffer(buffer, dtype=dtype, count=numel).view(shape)
+    buffer = mmap.mmap(-1, nbytes)
+    return torch.frombuffer(buffer, dtype=dtype).view(shape)
 
 
 def paste_masks(
