@@ -73,3 +73,4 @@ def test_reduced_precision_channels_last_levels_are_read_as_float32() -> None:
         out = MultiLevelRoIAlign(7)(low, boxes, sizes)
     assert out.dtype == torch.float32
     assert torch.equal(out, _torchvision(7)(as_float, boxes, sizes))
+

@@ -9,6 +9,7 @@ one image) in the backward pass — and run in parallel.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -26,6 +27,8 @@ SCALES = [1 / 4, 1 / 8, 1 / 16, 1 / 32]  # the FPN's strides, known up front
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
+# A forked child inherits the pools but not their threads: it starts its own.
+os.register_at_fork(after_in_child=_pools.clear)
 
 
 def _run_parallel(fn: Callable[..., Tensor], jobs: Sequence[tuple[Any, ...]]) -> list[Tensor]:
