@@ -169,7 +169,7 @@ def paste_masks(
     inside = torch.where(extent.prod(1) > 0)[0]
     # Tallest first, so that the boxes of a group need windows of about the same height.
     order = inside[extent[inside, 0].argsort(descending=True, stable=True)]
-    rows_of = out.view(n * h, w)
+    flat = out.view(-1)
     start = 0
     while start < order.numel():
         wh = int(extent[order[start], 0])
@@ -185,7 +185,7 @@ def paste_masks(
         wy = interp_matrix(b[:, 1], b[:, 3], wh, side, masks.dtype, offset=top)
         wx = interp_matrix(b[:, 0], b[:, 2], ww, side, masks.dtype, offset=left)
         local = torch.bmm(torch.bmm(wy, padded[idx]), wx.transpose(1, 2))  # (g, wh, ww)
-        row = (idx * h + top)[:, None, None] + torch.arange(wh, device=top.device)[:, None]
-        col = left[:, None, None] + torch.arange(ww, device=top.device)
-        rows_of[row, col] = local
+        first = (idx * (h * w) + top * w + left)[:, None, None]  # each window's first pixel
+        pixel = first + (torch.arange(wh, device=top.device) * w)[:, None]
+        flat.index_copy_(0, (pixel + torch.arange(ww, device=top.device)).view(-1), local.view(-1))
     return out
