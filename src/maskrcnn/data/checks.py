@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,12 +13,13 @@ from pycocotools import mask as mask_utils
 
 from maskrcnn.data.coco import (
     build_label_map,
+    escapes_root,
     iter_structure_problems,
     load_coco_json,
     segmentation_to_rle,
 )
 from maskrcnn.data.errors import DatasetError
-from maskrcnn.data.image_io import index_by_basename, read_image_size, swapped_hint
+from maskrcnn.data.image_io import index_by_basename, is_file, read_image_size, swapped_hint
 
 Severity = Literal["error", "warning"]
 # Annotation tools round coordinates, so a polygon or box may overshoot the border a little.
@@ -108,13 +108,6 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def _escapes_root(file_name: str) -> bool:
-    parts = re.split(r"[\\/]", file_name)
-    return file_name.startswith(("/", "\\")) or bool(re.match(r"^[A-Za-z]:", file_name)) or (
-        ".." in parts
-    )
-
-
 def _category_findings(data: dict[str, Any]) -> Iterator[Finding]:
     by_name: dict[str, list[int]] = {}
     for cat in data["categories"]:
@@ -165,7 +158,7 @@ def _image_findings(
     images: list[dict[str, Any]], root: Path, search_subfolders: bool
 ) -> Iterator[Finding]:
     for img in images:
-        if _escapes_root(img["file_name"]):
+        if escapes_root(img["file_name"]):
             yield Finding("warning", "path_outside_root",
                           f"image id {img['id']}: file_name '{img['file_name']}' is absolute or "
                           "leaves the image root; the dataset will not be relocatable",
@@ -174,11 +167,7 @@ def _image_findings(
     readable: list[tuple[dict[str, Any], Path]] = []
     for img in images:
         path = root / img["file_name"]
-        try:
-            exists = path.is_file()
-        except OSError:  # e.g. a name longer than the file system allows
-            exists = False
-        if not exists:
+        if not is_file(path):
             # Walked at most once, and only when some image is missing.
             index = index if index is not None else index_by_basename(root)
             found = index.get(Path(img["file_name"]).name, [])

@@ -19,6 +19,7 @@ from maskrcnn.data.errors import DatasetError
 from maskrcnn.data.image_io import (
     MAX_IMAGE_PIXELS,
     index_by_basename,
+    is_file,
     read_image,
     swapped_hint,
 )
@@ -435,7 +436,7 @@ class CocoDataset(Dataset[tuple[Any, Any]]):
         """Where image ``index`` is read from (after the basename search, if enabled)."""
         file_name = self._images[index]["file_name"]
         path = self.image_root / file_name
-        if self._basename_index is None or _is_file(path):
+        if self._basename_index is None or is_file(path):
             return path
         found = self._basename_index.get(Path(file_name).name, [])
         if len(found) > 1:
@@ -452,7 +453,7 @@ class CocoDataset(Dataset[tuple[Any, Any]]):
             image = read_image(path, self.max_image_pixels)
         except DatasetError as e:
             # The hint helps only a file that is missing, not one that is broken.
-            missing = self._basename_index is None and not _is_file(path)
+            missing = self._basename_index is None and not is_file(path)
             hint = " (try search_subfolders=True)" if missing else ""
             raise DatasetError(f"{self.ann_file}: image id {img['id']}: {e}{hint}") from e
         size, json_size = (image.shape[1], image.shape[2]), (img["height"], img["width"])
@@ -509,13 +510,6 @@ class CocoDataset(Dataset[tuple[Any, Any]]):
             "iscrowd": torch.tensor(np.asarray(crowd, dtype=np.int64)[keep]),
             "area": torch.from_numpy(areas[keep]),
         }
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except OSError:  # e.g. a path longer than the OS allows: read_image will say so
-        return False
 
 
 def _empty_target(height: int, width: int) -> Target:

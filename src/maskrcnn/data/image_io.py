@@ -20,6 +20,15 @@ _EXIF_ORIENTATION_TAG = 0x0112
 MAX_IMAGE_PIXELS = 89_478_485
 
 
+def is_file(path: Path) -> bool:
+    """``path.is_file()``, False where the OS cannot even look (e.g. a name longer than the
+    file system allows); ``read_image`` says why."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def _check_file(path: Path) -> None:
     try:
         exists, is_file = path.exists(), path.is_file()
