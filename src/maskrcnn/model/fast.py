@@ -3,13 +3,11 @@ layout, and reduced-precision autocast where the hardware has it."""
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from maskrcnn.model.frozen_bn import ConvFrozenBN, affine_of
+from maskrcnn.model.frozen_bn import ConvFrozenBN, affine_of, conv_norm_pairs
 from maskrcnn.precision import cpu_supports_bf16
 
 
@@ -19,13 +17,10 @@ def fold_frozen_batchnorm(module: nn.Module) -> int:
     the norm by Identity. Returns how many were folded. The result equals the original up to
     float rounding: conv(x) * s + t == conv'(x) with W' = W * s, b' = b * s + t."""
     folded = 0
-    for parent in module.modules():
-        children = list(parent.named_children())
-        for (_, conv), (bn_name, bn) in itertools.pairwise(children):
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, FrozenBatchNorm2d):
-                _fold(conv, bn)
-                setattr(parent, bn_name, nn.Identity())
-                folded += 1
+    for parent, conv, bn_name, bn in conv_norm_pairs(module):
+        _fold(conv, bn)
+        setattr(parent, bn_name, nn.Identity())
+        folded += 1
     return folded
 
 

@@ -15,6 +15,7 @@ and in eval mode both modules compute exactly what they did before.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from typing import TypeVar
 
 from torch import Tensor, nn
@@ -51,17 +52,27 @@ class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
         return x if self.training else super().forward(x)
 
 
-def fuse_frozen_batchnorm(module: nn.Module) -> int:
-    """Swap every Conv2d directly followed by a FrozenBatchNorm2d among a module's children
-    (torchvision's ResNet and MobileNetV2 layouts) for the training-time fused pair, keeping
-    their parameters and buffers. Returns how many pairs were fused."""
-    fused = 0
+def conv_norm_pairs(
+    module: nn.Module,
+) -> Iterator[tuple[nn.Module, nn.Conv2d, str, FrozenBatchNorm2d]]:
+    """``(parent, conv, norm name, norm)`` for every Conv2d directly followed by a
+    FrozenBatchNorm2d among the children of ``module`` or of any module inside it (the
+    layouts of torchvision's ResNets and MobileNetV2). The caller may replace the norm."""
     for parent in list(module.modules()):
-        children = list(parent.named_children())
-        for (_, conv), (_, bn) in itertools.pairwise(children):
-            if type(conv) is nn.Conv2d and type(bn) is FrozenBatchNorm2d:
-                _swap_class(conv, ConvFrozenBN).attach(_swap_class(bn, FusedFrozenBatchNorm2d))
-                fused += 1
+        for (_, conv), (bn_name, bn) in itertools.pairwise(list(parent.named_children())):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, FrozenBatchNorm2d):
+                yield parent, conv, bn_name, bn
+
+
+def fuse_frozen_batchnorm(module: nn.Module) -> int:
+    """Swap every (Conv2d, FrozenBatchNorm2d) pair of ``conv_norm_pairs`` not fused yet for
+    the training-time fused pair, keeping their parameters and buffers. Returns how many
+    pairs were fused."""
+    fused = 0
+    for _, conv, _, bn in conv_norm_pairs(module):
+        if type(conv) is nn.Conv2d and type(bn) is FrozenBatchNorm2d:
+            _swap_class(conv, ConvFrozenBN).attach(_swap_class(bn, FusedFrozenBatchNorm2d))
+            fused += 1
     return fused
 
 
