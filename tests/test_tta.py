@@ -182,7 +182,8 @@ def test_a_mask_predicted_in_a_vflipped_view_is_flipped_back_on_the_same_axis() 
 
 
 class _ImageRecorder(nn.Module):
-    """Wraps a backbone and remembers which input produced which features."""
+    """Wraps a backbone and remembers which input produced which features (by the finest
+    level, which RoIAlign receives as it is from an fp32 model)."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
@@ -191,7 +192,7 @@ class _ImageRecorder(nn.Module):
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         features: OrderedDict[str, Tensor] = self.inner(x)
-        self.inputs[id(features)] = x
+        self.inputs[id(features["0"])] = x
         return features
 
 
@@ -209,7 +210,7 @@ def test_mask_stage_of_every_view_recovers_a_drawn_mask(model: MaskRCNN) -> None
     half = (0.5 - model.cfg.image_mean[0]) / model.cfg.image_std[0]  # 0.5, normalised
 
     def mask_logits(features: OrderedDict[str, Tensor], boxes: list[Tensor], _: object) -> Tensor:
-        x = recorder.inputs[id(features)][:, :1]
+        x = recorder.inputs[id(features["0"])][:, :1]
         return (roi_align(x, boxes, 28, 1.0, sampling_ratio=2, aligned=True) - half) * 10.0
 
     oracle.roi_heads.mask_logits = mask_logits  # type: ignore[method-assign, assignment]

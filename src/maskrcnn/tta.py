@@ -24,7 +24,8 @@ from torchvision.ops import batched_nms, box_iou
 
 from maskrcnn.config import ModelConfig
 from maskrcnn.model.mask_rcnn import MaskRCNN
-from maskrcnn.model.postprocess import detect_boxes, paste_masks, select_mask_probs
+from maskrcnn.model.pooler import poolable
+from maskrcnn.model.postprocess import paste_masks, select_mask_probs
 from maskrcnn.model.preprocess import Preprocessor, scale_boxes
 from maskrcnn.precision import autocast
 from maskrcnn.structures.image_batch import ImageBatch
@@ -139,8 +140,8 @@ class TTAConfig:
 
 @dataclass
 class ViewResult:
-    """One view's features and box detections. Per image: ``boxes`` (D, 4) xyxy in the view's
-    resized pixels, ``scores`` (D,), ``labels`` (D,)."""
+    """One view's pooled feature levels (see ``poolable``) and box detections. Per image:
+    ``boxes`` (D, 4) xyxy in the view's resized pixels, ``scores`` (D,), ``labels`` (D,)."""
 
     view: View
     features: OrderedDict[str, Tensor]
@@ -179,21 +180,12 @@ def run_view(model: MaskRCNN, images: list[Tensor], view: View) -> ViewResult:
     x = batch.tensor
     if model.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    heads = model.roi_heads
     with _model_precision(model, x.device):
         features = model.backbone(x)
         proposals, _ = model.rpn(batch, list(features.values()))
-        class_logits, box_regression = heads.box_logits(features, proposals, batch.image_sizes)
-        dets = detect_boxes(
-            class_logits,
-            box_regression,
-            proposals,
-            batch.image_sizes,
-            heads.box_coder,
-            heads.score_thresh,
-            heads.nms_thresh,
-            heads.detections_per_img,
-        )
+        # The pooled levels in the form RoIAlign reads, converted once for boxes and masks.
+        features = poolable(features)
+        dets = model.roi_heads.detect_boxes(features, proposals, batch.image_sizes)
     return ViewResult(
         view, features, batch, [d[0] for d in dets], [d[1] for d in dets], [d[2] for d in dets]
     )

@@ -114,15 +114,15 @@ class RoIHeads(nn.Module):
         x = self.mask_head(self.mask_roi_pool(features, boxes, image_sizes))
         return self.mask_predictor(x).float()
 
-    def detect(
+    def detect_boxes(
         self,
         features: OrderedDict[str, Tensor],
         proposals: list[Tensor],
         image_sizes: list[tuple[int, int]],
-    ) -> list[dict[str, Tensor]]:
-        """Per image: boxes (D, 4), labels (D,), scores (D,), masks (D, 1, 28, 28) probs."""
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """The box branch alone: per image (boxes (D, 4), scores (D,), labels (D,))."""
         class_logits, box_regression = self.box_logits(features, proposals, image_sizes)
-        dets = detect_boxes(
+        return detect_boxes(
             class_logits,
             box_regression,
             proposals,
@@ -132,6 +132,15 @@ class RoIHeads(nn.Module):
             self.nms_thresh,
             self.detections_per_img,
         )
+
+    def detect(
+        self,
+        features: OrderedDict[str, Tensor],
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """Per image: boxes (D, 4), labels (D,), scores (D,), masks (D, 1, 28, 28) probs."""
+        dets = self.detect_boxes(features, proposals, image_sizes)
         boxes = [d[0] for d in dets]
         labels = torch.cat([d[2] for d in dets])
         probs = select_mask_probs(self.mask_logits(features, boxes, image_sizes), labels)
