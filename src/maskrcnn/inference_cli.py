@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import glob
 import json
 import sys
@@ -266,11 +267,14 @@ def format_comparison(rows: Sequence[tuple[str, dict[str, Any], float]]) -> str:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    predictors = {"": load_predictor(args, score_thresh=0.0)}
-    if args.fast:
-        predictors["fast"] = load_predictor(args, 0.0, optimize=fast_from_args(args))
-    if any(p is None for p in predictors.values()):
+    base = load_predictor(args, score_thresh=0.0)
+    if base is None:
         return 1
+    predictors = {"": base}
+    if args.fast:  # the same weights, read once, on the fast path
+        fast = copy.copy(base)
+        fast.model = copy.deepcopy(base.model).optimize_for_inference(args.fast_precision)
+        predictors["fast"] = fast
     try:
         dataset = CocoDataset(args.data, args.images, search_subfolders=args.search_subfolders)
     except DatasetError as err:
@@ -280,10 +284,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     skipped: dict[int, str] = {}
     rows: list[tuple[str, dict[str, Any], float]] = []
     folders = []
+    tta = tta_from_args(args)
+    views = [("", None), ("TTA", tta)] if tta is not None else [("", None)]
     for mode, predictor in predictors.items():
-        assert predictor is not None
-        tta = predictor.tta
-        for name, view in (("", None), ("TTA", tta)) if tta is not None else (("", None),):
+        for name, view in views:
             predictor.tta = view
             label = " ".join(x for x in (mode, name) if x)
             evaluator, seconds, done = evaluate_predictor(
