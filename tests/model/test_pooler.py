@@ -6,10 +6,10 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import initLevelMapper
 
-from maskrcnn.model.pooler import MultiLevelRoIAlign
+from maskrcnn.model.pooler import MultiLevelRoIAlign, roi_align_gather
 
 
 def _case(seed: int) -> tuple[OrderedDict[str, torch.Tensor], list[torch.Tensor], list]:
@@ -63,14 +63,61 @@ def test_gradient_flows_like_torchvision() -> None:
         assert torch.allclose(ours_in[k].grad, ref_in[k].grad, atol=1e-5), k
 
 
-def test_reduced_precision_channels_last_levels_are_read_as_float32() -> None:
-    features, boxes, sizes = _case(2)
-    low = OrderedDict(
-        (k, v.bfloat16().contiguous(memory_format=torch.channels_last)) for k, v in features.items()
+def _channels_last(features: OrderedDict, dtype: torch.dtype = torch.float32) -> OrderedDict:
+    return OrderedDict(
+        (k, v.to(dtype).contiguous(memory_format=torch.channels_last)) for k, v in features.items()
     )
-    as_float = OrderedDict((k, v.float().contiguous()) for k, v in low.items())
+
+
+@pytest.mark.parametrize("size", [7, 14])
+def test_channels_last_levels_are_gathered_to_torchvision_values(size: int) -> None:
+    features, boxes, sizes = _case(2)
+    ref = _torchvision(size)(features, boxes, sizes)
+    with torch.inference_mode():
+        out = MultiLevelRoIAlign(size)(_channels_last(features), boxes, sizes)
+    # The same samples and weights summed in another order: float32 rounding apart.
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, ref, rtol=0, atol=2e-6)
+    assert not torch.equal(out, torch.zeros_like(out))
+
+
+def test_gathered_reduced_precision_levels_stay_in_their_dtype() -> None:
+    features, boxes, sizes = _case(3)
+    low = _channels_last(features, torch.bfloat16)
+    ref = _torchvision(7)(OrderedDict((k, v.float()) for k, v in low.items()), boxes, sizes)
     with torch.no_grad():
         out = MultiLevelRoIAlign(7)(low, boxes, sizes)
-    assert out.dtype == torch.float32
-    assert torch.equal(out, _torchvision(7)(as_float, boxes, sizes))
+    assert out.dtype == torch.bfloat16
+    # bf16 weights and output: within a few bf16 roundings of the float32 pooling.
+    assert torch.allclose(out.float(), ref, rtol=2e-2, atol=2e-2)
+    assert (out.float() - ref).abs().mean() < 5e-3
 
+
+@pytest.mark.parametrize("ratio", [1, 2, 3])
+def test_gather_matches_roi_align_at_the_edges(ratio: int) -> None:
+    g = torch.Generator().manual_seed(ratio)
+    feature = torch.randn(2, 3, 9, 13, generator=g)
+    # Boxes across and beyond every edge, thinner than a pixel, and whole-image ones.
+    xy = torch.rand(200, 2, generator=g) * torch.tensor([80.0, 60.0]) - 20
+    wh = torch.rand(200, 2, generator=g) ** 3 * torch.tensor([90.0, 70.0])
+    rois = torch.cat([torch.randint(0, 2, (200, 1), generator=g).float(), xy, xy + wh], 1)
+    rois = torch.cat([rois, torch.tensor([[1, 0, 0, 52, 36], [0, 51.9, 35.9, 52, 36.0]])])
+    ref = roi_align(feature, rois, 5, 0.25, ratio, aligned=False)
+    out = roi_align_gather(
+        feature.contiguous(memory_format=torch.channels_last), rois, 5, 0.25, ratio
+    )
+    assert torch.allclose(out, ref, rtol=0, atol=2e-6)
+
+
+def test_levels_that_need_gradients_take_the_torchvision_kernels() -> None:
+    features, boxes, sizes = _case(4)
+    levels = OrderedDict((k, v.requires_grad_()) for k, v in _channels_last(features).items())
+    out = MultiLevelRoIAlign(7)(levels, boxes, sizes)
+    assert torch.equal(out, _torchvision(7)(features, boxes, sizes))  # bit-identical path
+    out.sum().backward()
+    assert all(v.grad is not None for v in levels.values())
+
+
+def test_adaptive_sampling_is_refused() -> None:
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        MultiLevelRoIAlign(7, sampling_ratio=0)

@@ -1,10 +1,17 @@
 """RoIAlign over the FPN levels: each box pooled from the level that matches its size.
 
-The values of torchvision's ``MultiScaleRoIAlign`` (same level rule, same ``roi_align``
-kernels), with two differences that matter on a CPU: the levels are converted once to the
-layout the CPU kernel reads (float32, NCHW), and, since that kernel runs on one thread, the
-work is split into one batch per thread — boxes in the forward pass, images (or boxes of
-one image) in the backward pass — and run in parallel.
+The values of torchvision's ``MultiScaleRoIAlign`` (same level rule, same sampling), with
+two paths on a CPU:
+
+- channels-last levels without gradients (the fast inference path) are pooled where they
+  lie, in their own precision, as weighted row gathers (``roi_align_gather``): each output
+  bin is a weighted sum of 16 feature vectors, which ``embedding_bag`` computes vectorised
+  over the channels and on all threads;
+- otherwise with torchvision's ``roi_align`` kernels (bit-identical values, gradients for
+  training): the levels are converted once to the layout that kernel reads (float32,
+  NCHW), and, since it runs on one thread, the work is split into one batch per thread —
+  boxes in the forward pass, images (or boxes of one image) in the backward pass — and run
+  in parallel.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 from torchvision.ops import roi_align
@@ -49,18 +57,76 @@ def _no_grad(fn: Callable[..., Tensor], *args: Any) -> Tensor:
         return fn(*args)
 
 
+def gathers(feature: Tensor) -> bool:
+    """Whether a level is pooled by ``roi_align_gather``: a channels-last CPU tensor that
+    needs no gradient."""
+    return (
+        feature.device.type == "cpu"
+        and feature.is_contiguous(memory_format=torch.channels_last)
+        and not (feature.requires_grad and torch.is_grad_enabled())
+    )
+
+
 def poolable(features: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
-    """The pooled levels as float32 in NCHW layout, the only form torchvision's CPU
-    ``roi_align`` reads without converting. Done once per image batch for the box and mask
-    branches, instead of in every call: reduced-precision channels-last features would
-    otherwise be converted four times, and the finest level is large."""
+    """The pooled levels in the form their CPU pooling reads: channels-last levels without
+    gradients as they are (see ``gathers``), others as float32 in NCHW layout, the only form
+    torchvision's CPU ``roi_align`` reads without converting. Done once per image batch for
+    the box and mask branches, instead of in every call: the finest level is large."""
     out = OrderedDict()
     for name in FEATURE_NAMES:
         x = features[name]
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and not gathers(x):
             x = x.to(dtype=torch.float32, memory_format=torch.contiguous_format)
         out[name] = x
     return out
+
+
+def _samples(
+    start: Tensor, extent: Tensor, bins: int, ratio: int, length: int
+) -> tuple[Tensor, Tensor]:
+    """Along one axis, for each RoI: the two neighbouring pixels of each of the ``ratio``
+    samples of each of ``bins`` bins, and their bilinear weights — (R, bins, 2 * ratio)
+    indices and weights, with the sample positions and edge rules of torchvision's CPU
+    kernel (a sample more than one pixel outside weighs nothing; one within clamps)."""
+    step = (extent / bins)[:, None, None]
+    p = torch.arange(bins, dtype=start.dtype, device=start.device)[None, :, None]
+    i = torch.arange(ratio, dtype=start.dtype, device=start.device) + 0.5
+    pos = (start[:, None, None] + p * step + i * step / ratio).flatten(1)
+    valid = (pos >= -1.0) & (pos <= length)
+    pos = pos.clamp(min=0)
+    low = pos.floor().long()
+    edge = low >= length - 1
+    low = torch.where(edge, length - 1, low)
+    high = torch.where(edge, low, low + 1)
+    frac = torch.where(edge, 0.0, pos - low)
+    weight = torch.stack([1 - frac, frac], -1) * valid[..., None]
+    index = torch.stack([low, high], -1)
+    return index.view(-1, bins, 2 * ratio), weight.view(-1, bins, 2 * ratio)
+
+
+def roi_align_gather(feature: Tensor, rois: Tensor, size: int, scale: float, ratio: int) -> Tensor:
+    """``roi_align(feature, rois, size, scale, ratio, aligned=False)`` (``ratio`` >= 1),
+    read from the (B*H*W, C) rows of an NHWC ``feature`` in its own dtype. Bilinear sampling
+    is separable: each bin's ``ratio``² samples x 4 neighbours are products of per-row and
+    per-column indices and weights, and the bin is their weighted sum — one
+    ``embedding_bag`` over all bins. Returns (R, C, size, size) in channels-last layout."""
+    c, h, w = feature.shape[1:]
+    table = feature.permute(0, 2, 3, 1).reshape(-1, c)  # a view when channels-last
+    r = rois.to(torch.float32)
+    x0, y0 = r[:, 1] * scale, r[:, 2] * scale
+    rows, wy = _samples(y0, (r[:, 4] * scale - y0).clamp(min=1.0), size, ratio, h)
+    cols, wx = _samples(x0, (r[:, 3] * scale - x0).clamp(min=1.0), size, ratio, w)
+    first = (r[:, 0].long() * (h * w))[:, None, None, None, None]
+    index = first + rows[:, :, None, :, None] * w + cols[:, None, :, None, :]
+    weight = wy[:, :, None, :, None] * wx[:, None, :, None, :] / (ratio * ratio)
+    k = (2 * ratio) ** 2
+    pooled = F.embedding_bag(
+        index.reshape(-1, k),
+        table,
+        mode="sum",
+        per_sample_weights=weight.reshape(-1, k).to(table.dtype),
+    )
+    return pooled.view(-1, size, size, c).permute(0, 3, 1, 2)
 
 
 def rois_of(boxes: list[Tensor]) -> Tensor:
@@ -84,9 +150,7 @@ class ParallelRoIAlign(torch.autograd.Function):
         return torch.cat(out) if out else feature.new_zeros((0, feature.shape[1], size, size))
 
     @staticmethod
-    def backward(
-        ctx: FunctionCtx, grad: Tensor
-    ) -> tuple[Tensor, None, None, None, None]:
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         (rois,) = ctx.saved_tensors  # type: ignore[attr-defined]
         shape, size, scale, ratio = ctx.meta  # type: ignore[attr-defined]
         b, c, h, w = shape
@@ -132,6 +196,8 @@ class MultiLevelRoIAlign(nn.Module):
 
     def __init__(self, output_size: int, sampling_ratio: int = 2) -> None:
         super().__init__()
+        if sampling_ratio < 1:
+            raise ValueError(f"sampling_ratio must be at least 1, got {sampling_ratio}")
         self.output_size = output_size
         self.sampling_ratio = sampling_ratio
         self.scales = SCALES
@@ -148,11 +214,16 @@ class MultiLevelRoIAlign(nn.Module):
         level_of = self.map_levels(boxes)
         first = levels[FEATURE_NAMES[0]]
         size = self.output_size
+        gather = gathers(first)
         result = first.new_zeros((rois.shape[0], first.shape[1], size, size))
+        if gather:  # bins are written channels-last, the layout the heads read
+            result = result.contiguous(memory_format=torch.channels_last)
         for level, (name, scale) in enumerate(zip(FEATURE_NAMES, self.scales, strict=True)):
             idx = torch.where(level_of == level)[0]
             feature = levels[name]
-            if feature.device.type == "cpu":
+            if gather:
+                pooled = roi_align_gather(feature, rois[idx], size, scale, self.sampling_ratio)
+            elif feature.device.type == "cpu":
                 pooled = ParallelRoIAlign.apply(
                     feature, rois[idx], size, scale, self.sampling_ratio
                 )
