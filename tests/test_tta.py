@@ -209,7 +209,9 @@ def test_mask_stage_of_every_view_recovers_a_drawn_mask(model: MaskRCNN) -> None
 
     half = (0.5 - model.cfg.image_mean[0]) / model.cfg.image_std[0]  # 0.5, normalised
 
-    def mask_logits(features: OrderedDict[str, Tensor], boxes: list[Tensor], _: object) -> Tensor:
+    def mask_logits(
+        features: OrderedDict[str, Tensor], boxes: list[Tensor], _sizes: object, _labels: object
+    ) -> Tensor:
         x = recorder.inputs[id(features["0"])][:, :1]
         return (roi_align(x, boxes, 28, 1.0, sampling_ratio=2, aligned=True) - half) * 10.0
 

@@ -28,7 +28,7 @@ from torchvision.ops import nms, roi_align
 from torchvision.ops.poolers import LevelMapper
 
 from maskrcnn.model.mask_rcnn import MaskRCNN
-from maskrcnn.model.postprocess import expand_boxes, interp_matrix, select_mask_probs
+from maskrcnn.model.postprocess import expand_boxes, interp_matrix
 from maskrcnn.model.rpn import flatten_levels
 
 ROI_LEVELS = 4  # P2-P5 feed RoIAlign; P6 ("pool") only the RPN
@@ -233,7 +233,7 @@ class ExportableMaskRCNN(nn.Module):
         """(D, 1, 28, 28) mask probabilities, each of its box's class (D boxes, D labels)."""
         heads = self.roi_heads
         pooled = self.multiscale_roi_align(features, boxes, 14)
-        return select_mask_probs(heads.mask_predictor(heads.mask_head(pooled)).float(), labels)
+        return heads.mask_predictor.logits_of(heads.mask_head(pooled), labels).float().sigmoid()
 
     def multiscale_roi_align(self, features: list[Tensor], boxes: Tensor, size: int) -> Tensor:
         """(R, C, size, size) RoIAlign of each (R, 4) box on its FPN level, as torchvision's

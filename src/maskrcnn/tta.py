@@ -25,7 +25,7 @@ from torchvision.ops import batched_nms, box_iou
 from maskrcnn.config import ModelConfig
 from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.model.pooler import poolable
-from maskrcnn.model.postprocess import paste_masks, select_mask_probs
+from maskrcnn.model.postprocess import paste_masks
 from maskrcnn.model.preprocess import Preprocessor, scale_boxes
 from maskrcnn.precision import autocast
 from maskrcnn.structures.image_batch import ImageBatch
@@ -258,8 +258,10 @@ def average_mask_probs(
     total: Tensor | None = None
     for result, boxes in zip(results, view_boxes, strict=True):
         with _model_precision(model, all_labels.device):
-            logits = model.roi_heads.mask_logits(result.features, boxes, result.batch.image_sizes)
-            probs = result.view.masks_from_view(select_mask_probs(logits, all_labels))
+            logits = model.roi_heads.mask_logits(
+                result.features, boxes, result.batch.image_sizes, all_labels
+            )
+            probs = result.view.masks_from_view(logits.sigmoid())
         total = probs if total is None else total + probs
     assert total is not None
     return list((total / len(results)).split([lab.shape[0] for lab in labels]))

@@ -1,15 +1,18 @@
-"""Anchors, box coder, matcher and sampler on hand-computed cases and torchvision's."""
+"""Anchors, box coder, matcher, sampler and mask predictor on hand-computed cases and
+torchvision's."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
 from maskrcnn.model.anchors import AnchorGenerator, cell_anchors
 from maskrcnn.model.box_coder import BoxCoder
+from maskrcnn.model.mask_head import MaskPredictor
 from maskrcnn.model.matcher import Matcher
 from maskrcnn.model.sampler import BalancedSampler
 
@@ -75,3 +78,23 @@ def test_sampler_respects_budget_and_fraction() -> None:
     # few positives: negatives fill the budget
     pos, neg = BalancedSampler(40, 0.5)([torch.tensor([1, 1] + [0] * 100)])
     assert int(pos[0].sum()) == 2 and int(neg[0].sum()) == 38
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mask_logits_of_one_class_per_roi_equal_the_full_predictor(channels_last: bool) -> None:
+    torch.manual_seed(0)
+    predictor = MaskPredictor(16, 8, num_masks=5).eval()
+    torch.nn.init.normal_(predictor.mask_fcn_logits.bias)
+    x = torch.randn(6, 16, 7, 7)
+    if channels_last:
+        predictor = predictor.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    labels = torch.tensor([0, 4, 2, 2, 1, 3])
+    with torch.no_grad():
+        full = predictor(x)
+        ours = predictor.logits_of(x, labels)
+    assert ours.shape == (6, 1, 14, 14)
+    assert torch.allclose(ours[:, 0], full[torch.arange(6), labels], atol=1e-5)
+    agnostic = MaskPredictor(16, 8, num_masks=1).eval()
+    with torch.no_grad():
+        assert torch.equal(agnostic.logits_of(x, labels), agnostic(x))

@@ -69,14 +69,6 @@ def best_after_nms(
         m = min(order.numel(), 2 * m)
 
 
-def select_mask_probs(mask_logits: Tensor, labels: Tensor) -> Tensor:
-    """Sigmoid of the mask channel of each detection's class: (D, C|1, M, M) → (D, 1, M, M)."""
-    if mask_logits.shape[1] == 1:
-        return mask_logits.sigmoid()
-    index = torch.arange(labels.shape[0], device=labels.device)
-    return mask_logits[index, labels][:, None].sigmoid()
-
-
 def expand_boxes(boxes: Tensor, scale: float) -> Tensor:
     """Grow (N, 4) xyxy boxes about their centres by ``scale``."""
     w_half = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale

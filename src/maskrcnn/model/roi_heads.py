@@ -15,7 +15,7 @@ from maskrcnn.model.losses import fastrcnn_loss, mask_targets, maskrcnn_loss
 from maskrcnn.model.mask_head import MaskHead, MaskPredictor
 from maskrcnn.model.matcher import Matcher
 from maskrcnn.model.pooler import MultiLevelRoIAlign, poolable
-from maskrcnn.model.postprocess import detect_boxes, select_mask_probs
+from maskrcnn.model.postprocess import detect_boxes
 from maskrcnn.model.sampler import BalancedSampler
 
 
@@ -109,10 +109,12 @@ class RoIHeads(nn.Module):
         features: OrderedDict[str, Tensor],
         boxes: list[Tensor],
         image_sizes: list[tuple[int, int]],
+        labels: Tensor,
     ) -> Tensor:
-        """(sum D_i, C|1, 28, 28) mask logits for ``boxes`` given per image."""
+        """(sum D_i, 1, 28, 28) mask logits for ``boxes`` given per image, each of the class
+        in ``labels`` (sum D_i,)."""
         x = self.mask_head(self.mask_roi_pool(features, boxes, image_sizes))
-        return self.mask_predictor(x).float()
+        return self.mask_predictor.logits_of(x, labels).float()
 
     def detect_boxes(
         self,
@@ -143,7 +145,7 @@ class RoIHeads(nn.Module):
         dets = self.detect_boxes(features, proposals, image_sizes)
         boxes = [d[0] for d in dets]
         labels = torch.cat([d[2] for d in dets])
-        probs = select_mask_probs(self.mask_logits(features, boxes, image_sizes), labels)
+        probs = self.mask_logits(features, boxes, image_sizes, labels).sigmoid()
         counts = [b.shape[0] for b in boxes]
         return [
             {"boxes": b, "labels": lab, "scores": s, "masks": m}
@@ -165,8 +167,8 @@ class RoIHeads(nn.Module):
         pos = [torch.where(lab > 0)[0] for lab in s.labels]
         pos_boxes = [p[i] for p, i in zip(s.proposals, pos, strict=True)]
         pos_matched = [m[i] for m, i in zip(s.matched_idxs, pos, strict=True)]
-        logits = self.mask_logits(features, pos_boxes, image_sizes)
         gt_labels = torch.cat([t["labels"][m] for t, m in zip(targets, pos_matched, strict=True)])
+        logits = self.mask_logits(features, pos_boxes, image_sizes, gt_labels)
         mask_t = mask_targets(
             [t["masks"] for t in targets], pos_boxes, pos_matched, logits.shape[-1]
         )
