@@ -25,6 +25,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
+from maskrcnn import malloc
 from maskrcnn.config import ModelConfig
 from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.model.postprocess import paste_masks
@@ -283,6 +284,7 @@ def run(
         "image_size": list(size),
         "fast_precision": precision,
         "weights": weights or "random",
+        "malloc": malloc.setting(),
     }
     if "inference" not in skip:
         times, agreement = bench_inference(ours, theirs, size, repeats, precision)
@@ -303,11 +305,18 @@ def run(
     return report
 
 
+MALLOC_NOTES = {
+    "retained": "reused by the process (see maskrcnn.malloc; MASKRCNN_MALLOC=system to compare)",
+    "system": "returned to the OS by malloc (the C library's default)",
+}
+
+
 def format_report(report: dict[str, Any]) -> str:
     """A table: each contender's figure and its speed-up over torchvision."""
     lines = [
         f"machine: {report['machine']}",
         f"image: {report['image_size']}, fast mode precision: {report['fast_precision']}",
+        f"freed memory: {MALLOC_NOTES[report.get('malloc', 'system')]}",
         "",
     ]
     lines.append(f"{'measurement':34}{'contender':16}{'value':>12}{'vs torchvision':>16}")
