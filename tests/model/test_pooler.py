@@ -109,13 +109,21 @@ def test_gather_matches_roi_align_at_the_edges(ratio: int) -> None:
     assert torch.allclose(out, ref, rtol=0, atol=2e-6)
 
 
-def test_levels_that_need_gradients_take_the_torchvision_kernels() -> None:
+def test_gathered_levels_pass_torchvision_gradients_back() -> None:
     features, boxes, sizes = _case(4)
-    levels = OrderedDict((k, v.requires_grad_()) for k, v in _channels_last(features).items())
-    out = MultiLevelRoIAlign(7)(levels, boxes, sizes)
-    assert torch.equal(out, _torchvision(7)(features, boxes, sizes))  # bit-identical path
-    out.sum().backward()
-    assert all(v.grad is not None for v in levels.values())
+    ref_in = OrderedDict((k, v.clone().requires_grad_()) for k, v in features.items())
+    _torchvision(7)(ref_in, boxes, sizes).square().sum().backward()
+    for dtype in (torch.float32, torch.bfloat16):
+        levels = OrderedDict(
+            (k, v.requires_grad_()) for k, v in _channels_last(features, dtype).items()
+        )
+        out = MultiLevelRoIAlign(7)(levels, boxes, sizes)
+        assert out.dtype == torch.float32  # read as float32 while gradients are needed
+        out.square().sum().backward()
+        for k, v in levels.items():
+            assert v.grad is not None and v.grad.dtype == dtype, k
+            tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the inputs and the grads
+            assert torch.allclose(v.grad.float(), ref_in[k].grad, rtol=tol, atol=tol), k
 
 
 def test_adaptive_sampling_is_refused() -> None:

@@ -3,15 +3,14 @@
 The values of torchvision's ``MultiScaleRoIAlign`` (same level rule, same sampling), with
 two paths on a CPU:
 
-- channels-last levels without gradients (the fast inference path) are pooled where they
-  lie, in their own precision, as weighted row gathers (``roi_align_gather``): each output
-  bin is a weighted sum of 16 feature vectors, which ``embedding_bag`` computes vectorised
-  over the channels and on all threads;
-- otherwise with torchvision's ``roi_align`` kernels (bit-identical values, gradients for
-  training): the levels are converted once to the layout that kernel reads (float32,
-  NCHW), and, since it runs on one thread, the work is split into one batch per thread —
-  boxes in the forward pass, images (or boxes of one image) in the backward pass — and run
-  in parallel.
+- channels-last levels (the fast inference path, training in reduced precision) are pooled
+  where they lie as weighted row gathers (``roi_align_gather``): each output bin is a
+  weighted sum of 16 feature vectors, which ``embedding_bag`` computes vectorised over the
+  channels and on all threads, forward and backward;
+- NCHW levels with torchvision's ``roi_align`` kernels (bit-identical values): the levels
+  are converted once to the layout that kernel reads (float32, NCHW), and, since it runs
+  on one thread, the work is split into one batch per thread — boxes in the forward pass,
+  images (or boxes of one image) in the backward pass — and run in parallel.
 """
 
 from __future__ import annotations
@@ -58,24 +57,25 @@ def _no_grad(fn: Callable[..., Tensor], *args: Any) -> Tensor:
 
 
 def gathers(feature: Tensor) -> bool:
-    """Whether a level is pooled by ``roi_align_gather``: a channels-last CPU tensor that
-    needs no gradient."""
-    return (
-        feature.device.type == "cpu"
-        and feature.is_contiguous(memory_format=torch.channels_last)
-        and not (feature.requires_grad and torch.is_grad_enabled())
+    """Whether a level is pooled by ``roi_align_gather``: a channels-last CPU tensor."""
+    return feature.device.type == "cpu" and feature.is_contiguous(
+        memory_format=torch.channels_last
     )
 
 
 def poolable(features: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
-    """The pooled levels in the form their CPU pooling reads: channels-last levels without
-    gradients as they are (see ``gathers``), others as float32 in NCHW layout, the only form
+    """The pooled levels in the form their CPU pooling reads: channels-last levels as they
+    are (see ``gathers``; as float32 when they need a gradient, so that the gradients of
+    overlapping boxes add up in float32), others as float32 in NCHW layout, the only form
     torchvision's CPU ``roi_align`` reads without converting. Done once per image batch for
     the box and mask branches, instead of in every call: the finest level is large."""
     out = OrderedDict()
     for name in FEATURE_NAMES:
         x = features[name]
-        if x.device.type == "cpu" and not gathers(x):
+        if gathers(x):
+            if x.requires_grad and torch.is_grad_enabled():
+                x = x.float()  # keeps the layout
+        elif x.device.type == "cpu":
             x = x.to(dtype=torch.float32, memory_format=torch.contiguous_format)
         out[name] = x
     return out
@@ -109,7 +109,8 @@ def roi_align_gather(feature: Tensor, rois: Tensor, size: int, scale: float, rat
     read from the (B*H*W, C) rows of an NHWC ``feature`` in its own dtype. Bilinear sampling
     is separable: each bin's ``ratio``² samples x 4 neighbours are products of per-row and
     per-column indices and weights, and the bin is their weighted sum — one
-    ``embedding_bag`` over all bins. Returns (R, C, size, size) in channels-last layout."""
+    ``embedding_bag`` over all bins, whose gradient scatters back the same way. Returns
+    (R, C, size, size) in channels-last layout."""
     c, h, w = feature.shape[1:]
     table = feature.permute(0, 2, 3, 1).reshape(-1, c)  # a view when channels-last
     r = rois.to(torch.float32)
