@@ -129,3 +129,19 @@ def test_gathered_levels_pass_torchvision_gradients_back() -> None:
 def test_adaptive_sampling_is_refused() -> None:
     with pytest.raises(ValueError, match="sampling_ratio"):
         MultiLevelRoIAlign(7, sampling_ratio=0)
+
+
+def test_layout_is_judged_on_the_finest_level() -> None:
+    # A 1x1 level is "channels-last" and "contiguous" at once: the finest level decides, so
+    # reduced-precision NCHW levels all go to torchvision's kernels as float32.
+    g = torch.Generator().manual_seed(5)
+    features = OrderedDict(
+        (str(k), torch.randn(1, 4, 8 >> k, 8 >> k, generator=g).bfloat16()) for k in range(4)
+    )
+    assert features["3"].is_contiguous(memory_format=torch.channels_last)
+    boxes = [torch.tensor([[0.0, 0.0, 32.0, 32.0], [1.0, 2.0, 9.0, 7.0], [0, 0, 500, 500]])]
+    as_float = OrderedDict((k, v.float()) for k, v in features.items())
+    with torch.no_grad():
+        out = MultiLevelRoIAlign(7)(features, boxes, [(32, 32)])
+    assert out.dtype == torch.float32
+    assert torch.equal(out, _torchvision(7)(as_float, boxes, [(32, 32)]))

@@ -56,11 +56,11 @@ def _no_grad(fn: Callable[..., Tensor], *args: Any) -> Tensor:
         return fn(*args)
 
 
-def gathers(feature: Tensor) -> bool:
-    """Whether a level is pooled by ``roi_align_gather``: a channels-last CPU tensor."""
-    return feature.device.type == "cpu" and feature.is_contiguous(
-        memory_format=torch.channels_last
-    )
+def gathers(features: OrderedDict[str, Tensor]) -> bool:
+    """Whether the levels are pooled by ``roi_align_gather``: channels-last CPU tensors
+    (judged on the finest level; a coarse one may be too small to tell)."""
+    first = features[FEATURE_NAMES[0]]
+    return first.device.type == "cpu" and first.is_contiguous(memory_format=torch.channels_last)
 
 
 def poolable(features: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
@@ -69,10 +69,11 @@ def poolable(features: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
     overlapping boxes add up in float32), others as float32 in NCHW layout, the only form
     torchvision's CPU ``roi_align`` reads without converting. Done once per image batch for
     the box and mask branches, instead of in every call: the finest level is large."""
+    gather = gathers(features)
     out = OrderedDict()
     for name in FEATURE_NAMES:
         x = features[name]
-        if gathers(x):
+        if gather:
             if x.requires_grad and torch.is_grad_enabled():
                 x = x.float()  # keeps the layout
         elif x.device.type == "cpu":
@@ -215,7 +216,7 @@ class MultiLevelRoIAlign(nn.Module):
         level_of = self.map_levels(boxes)
         first = levels[FEATURE_NAMES[0]]
         size = self.output_size
-        gather = gathers(first)
+        gather = gathers(levels)
         result = first.new_zeros((rois.shape[0], first.shape[1], size, size))
         if gather:  # bins are written channels-last, the layout the heads read
             result = result.contiguous(memory_format=torch.channels_last)
