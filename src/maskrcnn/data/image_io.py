@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -82,22 +84,29 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> t
     """
     path = Path(path)
     _check_file(path)
+    with _pil_errors(path, "cannot decode image"), Image.open(path) as img:
+        _check_pixels(path, img.size, max_pixels)
+        # load() inside the guard: a truncated file opens fine and fails only on decoding.
+        img.load()
+        upright: Image.Image = img
+        if img.getexif().get(_EXIF_ORIENTATION_TAG, 1) != 1:
+            upright = ImageOps.exif_transpose(img)  # a transposed copy
+        array = np.array(_to_rgb(upright), dtype=np.uint8)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+@contextmanager
+def _pil_errors(path: Path, failure: str) -> Iterator[None]:
+    """PIL's exceptions while reading ``path`` as DatasetErrors naming it; ``failure`` says
+    what could not be done (for other errors than not-an-image and too-large)."""
     try:
-        with Image.open(path) as img:
-            _check_pixels(path, img.size, max_pixels)
-            # load() inside the try: a truncated file opens fine and fails only on decoding.
-            img.load()
-            upright: Image.Image = img
-            if img.getexif().get(_EXIF_ORIENTATION_TAG, 1) != 1:
-                upright = ImageOps.exif_transpose(img)  # a transposed copy
-            array = np.array(_to_rgb(upright), dtype=np.uint8)
+        yield
     except UnidentifiedImageError as e:
         raise DatasetError(f"{path}: not an image file PIL can read") from e
     except Image.DecompressionBombError as e:
         raise DatasetError(f"{path}: image too large: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{path}: cannot decode image ({e})") from e
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        raise DatasetError(f"{path}: {failure} ({e})") from e
 
 
 def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
@@ -121,16 +130,9 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
     """
     path = Path(path)
     _check_file(path)
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            orientation = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-    except UnidentifiedImageError as e:
-        raise DatasetError(f"{path}: not an image file PIL can read") from e
-    except Image.DecompressionBombError as e:
-        raise DatasetError(f"{path}: image too large: {e}") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{path}: cannot read image header ({e})") from e
+    with _pil_errors(path, "cannot read image header"), Image.open(path) as img:
+        width, height = img.size
+        orientation = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
     if orientation in _TRANSPOSING_ORIENTATIONS:
         return width, height
     return height, width

@@ -11,6 +11,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
+def _save(fig: Any, ax: Any, title: str, path: str | Path) -> Path:
+    """Iterations on x, a grid, the legend and ``title``; written to ``path`` and closed."""
+    ax.set_xlabel("iteration")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
     """Every ``loss*`` series of the train records against the iteration, log scale."""
     train = [r for r in records if r.get("kind") == "train"]
@@ -24,16 +36,9 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
             label=name,
             linewidth=2.5 if name == "loss" else 1.2,
         )
-    ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    ax.set_title("training losses")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, ax, "training losses", path)
 
 
 def plot_ap(records: list[dict[str, Any]], path: str | Path) -> Path:
@@ -48,13 +53,6 @@ def plot_ap(records: list[dict[str, Any]], path: str | Path) -> Path:
     ):
         xs = [r["iter"] for r in evals if key in r]
         ax.plot(xs, [r[key] for r in evals if key in r], style, label=key)
-    ax.set_xlabel("iteration")
     ax.set_ylabel("AP")
     ax.set_ylim(0, 1)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    ax.set_title("validation AP")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, ax, "validation AP", path)
