@@ -73,7 +73,11 @@ def _train(args: argparse.Namespace) -> int:
             "no dataset given: running the embedded default (synthetic shapes, "
             "MobileNetV2-FPN fine-tune); see `maskrcnn train --help`"
         )
-    cfg = load_train_config(recipe_path(config) if config else None, args.overrides)
+    try:
+        cfg = load_train_config(recipe_path(config) if config else None, args.overrides)
+    except ValueError as err:  # a malformed override or an invalid setting: no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     trainer = Trainer(cfg, resume=args.resume)
     metrics = trainer.train()
     if trainer.dist.is_main:

@@ -247,7 +247,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value")
+            raise ValueError(
+                f"override {item!r} must look like section.key=value (a recipe name or a "
+                "YAML file goes after --config)"
+            )
         dotted, raw = item.split("=", 1)
         keys = dotted.strip().split(".")
         node = data

@@ -63,3 +63,15 @@ def test_round_trip_through_yaml() -> None:
 def test_recipes_load(name: str) -> None:
     cfg = load_train_config(recipe_path(name))
     assert cfg.solver.max_iter > 0
+
+
+def test_train_command_reports_bad_overrides_without_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from maskrcnn.cli import main
+
+    assert main(["train", "demo", "solver.precision=fp32"]) == 2
+    err = capsys.readouterr().err
+    assert "override 'demo' must look like section.key=value" in err and "--config" in err
+    assert main(["train", "--config", "demo", "solver.precision=fp8"]) == 2
+    assert "solver.precision must be" in capsys.readouterr().err
