@@ -1,7 +1,9 @@
 """``maskrcnn bench``: our model against torchvision's, same weights, same inputs, one process.
 
 Every measurement alternates between the contenders after a warm-up and reports the median,
-so that a slow moment of the machine hits both alike.
+so that a slow moment of the machine hits both alike. On a GPU (``device="cuda"``) each call
+is timed up to ``torch.cuda.synchronize()``, the fast mode runs in fp16, and torchvision is
+also timed under fp16 autocast (``torchvision_amp``) to show what autocast alone gives.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,10 @@ from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from maskrcnn import malloc
 from maskrcnn.config import ModelConfig
+from maskrcnn.model.fast import default_fast_precision
 from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.model.postprocess import paste_masks
-from maskrcnn.precision import autocast, cpu_supports_bf16
+from maskrcnn.precision import autocast, grad_scaler
 
 
 def build_models(
@@ -57,42 +60,67 @@ def build_models(
     return ours.eval(), theirs.eval()
 
 
+def _no_sync() -> None:
+    pass
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What waits for the device's queued work: CUDA kernels run asynchronously."""
+    return torch.cuda.synchronize if device.type == "cuda" else _no_sync
+
+
 def alternate(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+    fns: Mapping[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    sync: Callable[[], None] = _no_sync,
 ) -> dict[str, float]:
-    """Median seconds per call of each function, called in turn."""
+    """Median seconds per call of each function, called in turn; ``sync`` waits for the
+    device before a clock is read."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _warmups(device: torch.device) -> int:
+    return 3 if device.type == "cuda" else 1  # CUDA: kernels loaded, cuDNN plans chosen
 
 
 def bench_inference(
     ours: MaskRCNN, theirs: TVMaskRCNN, size: tuple[int, int], repeats: int, fast_precision: str
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Seconds per image for torchvision, ours as is, ours exact (fp32 fast path) and ours
-    fast; and how far the fast outputs are from the exact ones."""
-    image = [torch.rand(3, *size, generator=torch.Generator().manual_seed(1))]
+    fast (and on CUDA torchvision under autocast); how far the fast outputs are from the
+    exact ones."""
+    device = next(ours.parameters()).device
+    g = torch.Generator().manual_seed(1)
+    image = [torch.rand(3, *size, generator=g).to(device)]
     exact = copy.deepcopy(ours).optimize_for_inference("fp32")
     fast = copy.deepcopy(ours).optimize_for_inference(fast_precision)
-    models: dict[str, Any] = {
-        "torchvision": theirs,
-        "ours": ours,
-        "ours_exact": exact,
-        "ours_fast": fast,
+    calls: dict[str, Callable[[], object]] = {
+        "torchvision": lambda: theirs(image),
+        "ours": lambda: ours(image),
+        "ours_exact": lambda: exact(image),
+        "ours_fast": lambda: fast(image),
     }
+    if device.type == "cuda":
 
-    def call(model: Any) -> Callable[[], object]:
-        return lambda: model(image)
+        def theirs_amp() -> object:
+            with autocast(fast_precision, device):
+                return theirs(image)
 
+        calls["torchvision_amp"] = theirs_amp
     with torch.inference_mode():
-        times = alternate({k: call(m) for k, m in models.items()}, repeats)
+        times = alternate(calls, repeats, _warmups(device), synchronizer(device))
         agreement = compare(exact(image)[0], fast(image)[0])
     return times, agreement
 
@@ -120,7 +148,9 @@ def compare(ref: dict[str, Tensor], other: dict[str, Tensor]) -> dict[str, float
     }
 
 
-def _train_inputs(size: tuple[int, int]) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+def _train_inputs(
+    size: tuple[int, int], device: torch.device
+) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     g = torch.Generator().manual_seed(2)
     images, targets = [], []
     for _ in range(2):
@@ -131,9 +161,10 @@ def _train_inputs(size: tuple[int, int]) -> tuple[list[Tensor], list[dict[str, T
         masks = torch.zeros(5, h, w, dtype=torch.uint8)
         for k, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
             masks[k, y1:y2, x1:x2] = 1
-        images.append(torch.rand(3, h, w, generator=g))
+        images.append(torch.rand(3, h, w, generator=g).to(device))
+        labels = torch.randint(1, 91, (5,), generator=g)
         targets.append(
-            {"boxes": boxes, "labels": torch.randint(1, 91, (5,), generator=g), "masks": masks}
+            {"boxes": boxes.to(device), "labels": labels.to(device), "masks": masks.to(device)}
         )
     return images, targets
 
@@ -141,51 +172,64 @@ def _train_inputs(size: tuple[int, int]) -> tuple[list[Tensor], list[dict[str, T
 def bench_training(
     ours: MaskRCNN, theirs: TVMaskRCNN, size: tuple[int, int], repeats: int, precision: str
 ) -> dict[str, float]:
-    """Seconds per SGD step (forward, backward, update) on a batch of 2 images."""
-    images, targets = _train_inputs(size)
-    # Channels-last, as ``maskrcnn train`` runs on a CPU.
-    ours_fp32 = copy.deepcopy(ours).train().to(memory_format=torch.channels_last)
-    ours_fast = copy.deepcopy(ours).train().to(memory_format=torch.channels_last)
-    tv = copy.deepcopy(theirs).train()
+    """Seconds per SGD step (forward, backward, update) on a batch of 2 images; fp16 steps
+    scale the loss as ``maskrcnn train`` does. On CUDA also torchvision under autocast and
+    ours in both memory layouts."""
+    device = next(ours.parameters()).device
+    images, targets = _train_inputs(size, device)
 
-    def step(model: torch.nn.Module, prec: str) -> Callable[[], None]:
+    def step(model: torch.nn.Module, prec: str, channels_last: bool = True) -> Callable[[], None]:
+        model = copy.deepcopy(model).train()
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(
             [p for p in model.parameters() if p.requires_grad], lr=1e-5, momentum=0.9
         )
+        scaler = grad_scaler(prec, device)
 
         def run() -> None:
-            with autocast(prec, torch.device("cpu")):
+            with autocast(prec, device):
                 loss = sum(model(images, targets).values())
             assert isinstance(loss, Tensor)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
 
         return run
 
-    return alternate(
-        {
-            "torchvision": step(tv, "fp32"),
-            "ours_fp32": step(ours_fp32, "fp32"),
-            f"ours_{precision}": step(ours_fast, precision),
-        },
-        repeats,
-    )
+    steps = {
+        "torchvision": step(theirs, "fp32", channels_last=False),
+        "ours_fp32": step(ours, "fp32"),
+        f"ours_{precision}": step(ours, precision),
+    }
+    if device.type == "cuda":
+        steps["torchvision_amp"] = step(theirs, precision, channels_last=False)
+        steps[f"ours_{precision}_nchw"] = step(ours, precision, channels_last=False)
+    return alternate(steps, repeats, _warmups(device), synchronizer(device))
 
 
-def bench_paste(size: tuple[int, int], repeats: int) -> dict[str, float]:
+CPU = torch.device("cpu")
+
+
+def bench_paste(
+    size: tuple[int, int], repeats: int, device: torch.device = CPU
+) -> dict[str, float]:
     """Pasting 100 28x28 masks into an image of ``size``."""
     g = torch.Generator().manual_seed(3)
     masks = torch.rand(100, 1, 28, 28, generator=g)
     h, w = size
     xy = torch.rand(100, 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
     boxes = torch.cat([xy, xy + torch.rand(100, 2, generator=g) * 200 + 10], 1)
+    masks, boxes = masks.to(device), boxes.to(device)
     return alternate(
         {
             "torchvision": lambda: paste_masks_in_image(masks, boxes, size),
             "ours": lambda: paste_masks(masks, boxes, size),
         },
         repeats,
+        _warmups(device),
+        synchronizer(device),
     )
 
 
@@ -243,6 +287,31 @@ def _peak_child(kind: str, size: tuple[int, int], precision: str, queue: Any) ->
         queue.put(_vm("VmHWM") - before)
 
 
+def bench_peak_cuda_memory(
+    ours: MaskRCNN, theirs: TVMaskRCNN, size: tuple[int, int], precision: str
+) -> dict[str, float]:
+    """Peak GPU memory (MiB) an inference allocates beyond what is held before it (weights,
+    input), from PyTorch's CUDA allocator statistics."""
+    device = next(ours.parameters()).device
+    image = [torch.rand(3, *size, generator=torch.Generator().manual_seed(1)).to(device)]
+    out = {}
+    for kind in ("torchvision", "ours", "ours_exact", "ours_fast"):
+        model: Any = {"torchvision": theirs, "ours": ours}.get(kind)
+        if model is None:
+            prec = "fp32" if kind == "ours_exact" else precision
+            model = copy.deepcopy(ours).optimize_for_inference(prec)
+        with torch.inference_mode():
+            model(image)  # warm-up
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            model(image)
+            torch.cuda.synchronize()
+            out[kind] = (torch.cuda.max_memory_allocated() - before) / 2**20
+        del model
+    return out
+
+
 def bench_peak_memory(size: tuple[int, int], precision: str) -> dict[str, float]:
     """Peak resident memory (MiB) an inference adds, each contender in a fresh process."""
     ctx = mp.get_context("spawn")
@@ -256,7 +325,10 @@ def bench_peak_memory(size: tuple[int, int], precision: str) -> dict[str, float]
     return out
 
 
-def machine() -> str:
+def machine(device: torch.device = CPU) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return f"{name}, CUDA {torch.version.cuda}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -275,13 +347,23 @@ def run(
     skip: tuple[str, ...] = (),
     resize: tuple[int, int] = (800, 1333),
     loading_images: int = 32,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """All measurements; returns the JSON-able report (seconds, ratios vs torchvision).
-    ``resize`` is the models' (min_size, max_size), torchvision's default unless testing."""
-    precision = "bf16" if cpu_supports_bf16() else "fp32"
+    ``resize`` is the models' (min_size, max_size), torchvision's default unless testing.
+    On ``cuda`` data loading (CPU work) and the onnxruntime comparison are left out, and
+    peak memory is the GPU's."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: PyTorch sees no CUDA device on this machine")
+    if dev.type == "cuda":
+        skip = (*skip, "loading", "onnx")
+    precision = default_fast_precision(dev)
     ours, theirs = build_models(weights, resize=resize)
+    ours, theirs = ours.to(dev), theirs.to(dev)
     report: dict[str, Any] = {
-        "machine": machine(),
+        "machine": machine(dev),
+        "device": dev.type,
         "image_size": list(size),
         "fast_precision": precision,
         "weights": weights or "random",
@@ -294,10 +376,12 @@ def run(
     if "train" not in skip:
         report["train_s_per_step_batch2"] = bench_training(ours, theirs, size, repeats, precision)
     if "paste" not in skip:
-        report["paste_100_masks_s"] = bench_paste(size, repeats * 3)
+        report["paste_100_masks_s"] = bench_paste(size, repeats * 3, dev)
     if "loading" not in skip:
         report["loading_s_per_sample"] = bench_loading(loading_images, 512, repeats)
-    if "memory" not in skip:
+    if "memory" not in skip and dev.type == "cuda":
+        report["inference_peak_gpu_mib"] = bench_peak_cuda_memory(ours, theirs, size, precision)
+    elif "memory" not in skip:
         report["inference_peak_mib"] = bench_peak_memory(size, precision)
     if "onnx" not in skip:
         from maskrcnn.export import bench_onnxruntime
@@ -312,21 +396,29 @@ MALLOC_NOTES = {
 }
 
 
+IMAGES_PER_CALL = {"inference_s_per_image": 1, "train_s_per_step_batch2": 2}
+
+
 def format_report(report: dict[str, Any]) -> str:
-    """A table: each contender's figure and its speed-up over torchvision."""
+    """A table: each contender's figure, images per second where that means something, and
+    its speed-up over torchvision."""
     lines = [
         f"machine: {report['machine']}",
         f"image: {report['image_size']}, fast mode precision: {report['fast_precision']}",
-        f"freed memory: {MALLOC_NOTES[report.get('malloc', 'system')]}",
-        "",
     ]
-    lines.append(f"{'measurement':34}{'contender':16}{'value':>12}{'vs torchvision':>16}")
+    if report.get("device", "cpu") == "cpu":
+        lines.append(f"freed memory: {MALLOC_NOTES[report.get('malloc', 'system')]}")
+    lines.append("")
+    lines.append(
+        f"{'measurement':34}{'contender':18}{'value':>12}{'images/s':>10}{'vs torchvision':>16}"
+    )
     for section, unit in (
         ("inference_s_per_image", "s"),
         ("train_s_per_step_batch2", "s"),
         ("paste_100_masks_s", "s"),
         ("loading_s_per_sample", "s"),
         ("inference_peak_mib", "MiB"),
+        ("inference_peak_gpu_mib", "MiB"),
     ):
         if section not in report:
             continue
@@ -337,7 +429,9 @@ def format_report(report: dict[str, Any]) -> str:
                 ratio = f"{ref / v:.2f}x faster" if name != "torchvision" else ""
             else:
                 ratio = f"{v / ref:.2f}x memory" if name != "torchvision" else ""
-            lines.append(f"{section:34}{name:16}{v:>10.4f} {unit:3}{ratio:>16}")
+            n = IMAGES_PER_CALL.get(section)
+            rate = f"{n / v:.1f}" if n else ""
+            lines.append(f"{section:34}{name:18}{v:>8.4f} {unit:3}{rate:>10}{ratio:>16}")
     if "onnxruntime_vs_fast" in report:
         o = report["onnxruntime_vs_fast"]
         lines.append(
@@ -366,8 +460,9 @@ def main(
     weights: str | None,
     skip: tuple[str, ...],
     json_path: str | None,
+    device: str = "cpu",
 ) -> int:
-    report = run(size, repeats, weights, skip)
+    report = run(size, repeats, weights, skip, device=device)
     print(format_report(report))
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2))

@@ -52,27 +52,33 @@ def test_optimize_for_inference_switches_mode() -> None:
         model.optimize_for_inference("int8")
 
 
-def _trained(run: Path) -> tuple[MaskRCNN, list[torch.Tensor]]:
+def _trained(run: Path, device: str = "cpu") -> tuple[MaskRCNN, list[torch.Tensor]]:
     state = load_checkpoint(run / "last.pth")
     model = MaskRCNN(from_dict(ModelConfig, state["config"]["model"]))
     model.load_state_dict(state["model"])
     data = CocoDataset(
         run / "data" / "train.json", run / "data", transforms=build_transforms(None, train=False)
     )
-    images = [data[i][0].as_subclass(torch.Tensor) for i in range(6)]
-    return model.eval(), images
+    images = [data[i][0].as_subclass(torch.Tensor).to(device) for i in range(6)]
+    return model.eval().to(device), images
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_fast_outputs_match_exact_ones(trained_tiny: Path, precision: str) -> None:
-    if precision == "bf16" and not cpu_supports_bf16():
+@pytest.mark.parametrize(
+    ("device", "precision"), [("cpu", "fp32"), ("cpu", "bf16"), ("cuda", "fp32"), ("cuda", "fp16")]
+)
+def test_fast_outputs_match_exact_ones(trained_tiny: Path, device: str, precision: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if device == "cpu" and precision == "bf16" and not cpu_supports_bf16():
         pytest.skip("this CPU has no native bf16")
-    exact, images = _trained(trained_tiny)
+    exact, images = _trained(trained_tiny, device)
     fast = copy.deepcopy(exact).optimize_for_inference(precision)
     # bf16 features move an undertrained model's boxes by a few pixels, and now and then
     # one borderline detection elsewhere (the AP of a trained model moves by well under a
     # point: see the README); a decoding or pasting error would drop these far lower.
-    bound = {"fp32": (0.99, 0.98, 1e-3), "bf16": (0.85, 0.85, 0.05)}[precision]
+    bound = {"fp32": (0.99, 0.98, 1e-3), "bf16": (0.85, 0.85, 0.05), "fp16": (0.9, 0.9, 0.02)}[
+        precision
+    ]
     compared = 0
     total = {"box_iou": 0.0, "mask_iou": 0.0, "score_diff": 0.0}
     with torch.no_grad():
