@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from maskrcnn.bench import compare, format_report, main, run
+from maskrcnn.cli import main as cli_main
 
 
 def test_report_has_every_section_and_ratio(tmp_path: Path) -> None:
@@ -42,3 +44,9 @@ def test_compare_of_identical_outputs() -> None:
     assert compare(det, det) == {"box_iou": 1.0, "mask_iou": 1.0, "score_diff": 0.0}
     swapped = {**det, "labels": torch.tensor([2, 1])}  # a box only matches its own label
     assert compare(det, swapped)["box_iou"] == 0.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_cuda_without_a_gpu_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["bench", "--device", "cuda"]) == 2
+    assert "PyTorch sees no CUDA device" in capsys.readouterr().err

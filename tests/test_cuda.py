@@ -1,10 +1,10 @@
 """The model on a CUDA device: same outputs as torchvision there, fp16 training that agrees
 with fp32, pooling and pasting that agree with the CPU. Skipped where PyTorch sees no GPU
-(the fast path's fp16 agreement on CUDA is in tests/model/test_fast.py)."""
+(the fast path's agreement with the exact one on CUDA, on a trained model, is in
+tests/model/test_fast.py)."""
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 
 import pytest
@@ -43,16 +43,6 @@ def test_outputs_match_torchvision_on_cuda() -> None:
         assert agreement["score_diff"] < 1e-3, agreement
 
 
-def test_fast_fp32_path_keeps_outputs_on_cuda() -> None:
-    ours, _ = build_pair(box_score_thresh=0.0, **SMALL)
-    plain = ours.eval().to(CUDA)
-    fast = copy.deepcopy(plain).optimize_for_inference("fp32")  # folded, channels-last
-    with torch.no_grad():
-        for ref, out in zip(plain(_images()), fast(_images()), strict=True):
-            agreement = compare(ref, out)
-            assert agreement["box_iou"] > 0.97 and agreement["mask_iou"] > 0.95, agreement
-
-
 def test_fp16_training_step_agrees_with_fp32_on_cuda() -> None:
     ours, _ = build_pair(**SMALL)
     model = ours.train().to(CUDA).to(memory_format=torch.channels_last)
@@ -65,19 +55,25 @@ def test_fp16_training_step_agrees_with_fp32_on_cuda() -> None:
         losses[precision] = {k: v.item() for k, v in out.items()}
     for name, value in losses["fp32"].items():
         assert abs(losses["fp16"][name] - value) <= 0.05 * abs(value) + 1e-3, (name, losses)
-    # One scaled step: every gradient finite, the weights move.
+    # Scaled steps: the first ones overflow and are skipped while the scaler lowers its
+    # scale (65536 at first); then the weights move and stay finite.
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     scaler = grad_scaler("fp16", CUDA)
-    before = model.roi_heads.box_predictor.cls_score.weight.detach().clone()
-    with autocast("fp16", CUDA):
-        loss = sum(model(images, targets).values())
-    assert isinstance(loss, torch.Tensor)
-    scaler.scale(loss).backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
-    scaler.step(opt)
-    scaler.update()
-    assert not torch.equal(before, model.roi_heads.box_predictor.cls_score.weight)
+    weight = model.roi_heads.box_predictor.cls_score.weight
+    before = weight.detach().clone()
+    for _ in range(30):
+        with autocast("fp16", CUDA):
+            loss = sum(model(images, targets).values())
+        assert isinstance(loss, torch.Tensor)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if not torch.equal(before, weight):
+            break
+    assert not torch.equal(before, weight)
+    assert scaler.get_scale() < 65536.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def _levels(device: torch.device) -> OrderedDict[str, torch.Tensor]:

@@ -448,8 +448,8 @@ def format_report(report: dict[str, Any]) -> str:
         if report.get("weights", "random") == "random":
             lines.append(
                 "  (random weights: near-equal scores of an untrained model reorder under "
-                "bf16, so this agreement says little; pass --weights, or compare AP with "
-                "`maskrcnn eval --fast`)"
+                f"{report['fast_precision']}, so this agreement says little; pass --weights, "
+                "or compare AP with `maskrcnn eval --fast`)"
             )
     return "\n".join(lines)
 

@@ -64,11 +64,13 @@ def gathers(features: OrderedDict[str, Tensor]) -> bool:
 
 
 def poolable(features: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
-    """The pooled levels in the form their CPU pooling reads: channels-last levels as they
+    """The pooled levels in the form their pooling reads: channels-last CPU levels as they
     are (see ``gathers``; as float32 when they need a gradient, so that the gradients of
     overlapping boxes add up in float32), others as float32 in NCHW layout, the only form
-    torchvision's CPU ``roi_align`` reads without converting. Done once per image batch for
-    the box and mask branches, instead of in every call: the finest level is large."""
+    torchvision's ``roi_align`` reads without converting (its CUDA kernel makes the input
+    contiguous, and under autocast casts it to float32, in every call). Done once per image
+    batch for the box and mask branches, instead of in every call: the finest level is
+    large."""
     gather = gathers(features)
     out = OrderedDict()
     for name in FEATURE_NAMES:
@@ -76,7 +78,7 @@ def poolable(features: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
         if gather:
             if x.requires_grad and torch.is_grad_enabled():
                 x = x.float()  # keeps the layout
-        elif x.device.type == "cpu":
+        else:
             x = x.to(dtype=torch.float32, memory_format=torch.contiguous_format)
         out[name] = x
     return out
