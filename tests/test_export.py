@@ -34,9 +34,8 @@ from maskrcnn.export import (
     load_torch_export,
     model_from_checkpoint,
 )
-from maskrcnn.export_model import ExportableMaskRCNN, paste
+from maskrcnn.export_model import ExportableMaskRCNN
 from maskrcnn.model.mask_rcnn import MaskRCNN
-from maskrcnn.model.postprocess import paste_masks
 from maskrcnn.predictor import Predictor
 from tiny_run import tiny_config
 
@@ -221,16 +220,6 @@ def test_export_graph_equals_the_eager_model_exactly(exported: Exported) -> None
                 assert torch.allclose(outputs[name], reference[name], rtol=0, atol=1e-6), size
             else:
                 assert torch.equal(outputs[name], reference[name]), (size, name)
-
-
-def test_paste_equals_paste_masks() -> None:
-    generator = torch.Generator().manual_seed(0)
-    masks = torch.rand(7, 1, 28, 28, generator=generator)
-    xy = torch.rand(7, 2, generator=generator) * torch.tensor([150.0, 90.0]) - 10
-    wh = torch.rand(7, 2, generator=generator) * 60 + 1
-    boxes = torch.cat([xy, xy + wh], dim=1)
-    assert torch.equal(paste(masks, boxes, 100, 160), paste_masks(masks, boxes, (100, 160)))
-    assert paste(masks[:0], boxes[:0], 100, 160).shape == (0, 1, 100, 160)
 
 
 def test_bench_onnxruntime_reports_both(exported: Exported) -> None:

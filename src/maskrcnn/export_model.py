@@ -28,7 +28,7 @@ from torchvision.ops import nms, roi_align
 from torchvision.ops.poolers import LevelMapper
 
 from maskrcnn.model.mask_rcnn import MaskRCNN
-from maskrcnn.model.postprocess import expand_boxes, interp_matrix
+from maskrcnn.model.postprocess import paste_masks_dense
 from maskrcnn.model.rpn import flatten_levels
 
 ROI_LEVELS = 4  # P2-P5 feed RoIAlign; P6 ("pool") only the RPN
@@ -101,18 +101,6 @@ def batched_nms(
     return nms_first(boxes + (groups.to(boxes) * (top + 1))[:, None], scores, iou_threshold, k)
 
 
-def paste(masks: Tensor, boxes: Tensor, height: int, width: int) -> Tensor:
-    """(N, 1, M, M) probabilities in (N, 4) xyxy boxes → (N, 1, height, width), the same
-    values as ``postprocess.paste_masks`` (pad by one pixel, grow and round the box,
-    separable bilinear resize)."""
-    padded = F.pad(masks[:, 0], (1, 1, 1, 1))
-    side = padded.shape[-1]
-    ib = expand_boxes(boxes, float(side) / masks.shape[-1]).to(torch.int64)
-    wy = interp_matrix(ib[:, 1], ib[:, 3], height, side)
-    wx = interp_matrix(ib[:, 0], ib[:, 2], width, side)
-    return torch.bmm(torch.bmm(wy, padded), wx.transpose(1, 2))[:, None]
-
-
 class ExportableMaskRCNN(nn.Module):
     """``forward(image)``: (3, H, W) float32 RGB in [0, 1], any H and W → ``boxes`` (N, 4)
     float32 xyxy in input pixels, ``labels`` (N,) int64, ``scores`` (N,) float32 (best
@@ -154,7 +142,7 @@ class ExportableMaskRCNN(nn.Module):
         probs = self.mask_probs(features, boxes, labels)
         ratio_w, ratio_h = as_float(width, x) / limits[1], as_float(height, x) / limits[0]
         boxes = boxes * torch.stack([ratio_w, ratio_h, ratio_w, ratio_h])
-        return boxes, labels, scores, paste(probs, boxes, height, width)
+        return boxes, labels, scores, paste_masks_dense(probs, boxes, (height, width))
 
     def preprocess(self, image: Tensor) -> tuple[Tensor, int, int]:
         """Normalise, resize and zero-pad to a multiple of ``size_divisible``: the image

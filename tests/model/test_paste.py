@@ -8,7 +8,7 @@ import sys
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from maskrcnn.model.postprocess import paste_masks, zeros_lazy
+from maskrcnn.model.postprocess import paste_masks, paste_masks_dense, zeros_lazy
 
 
 def _random_case(n: int, h: int, w: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,6 +36,16 @@ def test_paste_matches_torchvision() -> None:
     a, b = ours > 0.5, ref > 0.5
     iou = (a & b).sum().item() / max((a | b).sum().item(), 1)
     assert iou >= 0.99
+
+
+def test_dense_paste_equals_windowed_paste() -> None:
+    # The GPU's (and the ONNX graph's) form: the same weights over whole images.
+    masks, boxes = _random_case(40, 100, 160, seed=5)
+    boxes[0] = torch.tensor([-30.0, -20.0, 20.0, 15.0])
+    boxes[1] = torch.tensor([150.0, 90.0, 200.0, 130.0])
+    dense = paste_masks_dense(masks, boxes, (100, 160))
+    torch.testing.assert_close(dense, paste_masks(masks, boxes, (100, 160)), atol=1e-6, rtol=0)
+    assert paste_masks_dense(masks[:0], boxes[:0], (100, 160)).shape == (0, 1, 100, 160)
 
 
 def test_windows_shared_by_boxes_of_different_shapes() -> None:
