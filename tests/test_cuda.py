@@ -10,7 +10,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from maskrcnn.bench import _train_inputs, compare
+from maskrcnn.bench import compare, training_batch
 from maskrcnn.model.pooler import FEATURE_NAMES, MultiLevelRoIAlign
 from maskrcnn.model.postprocess import paste_masks
 from maskrcnn.precision import autocast, grad_scaler
@@ -46,7 +46,7 @@ def test_outputs_match_torchvision_on_cuda() -> None:
 def test_fp16_training_step_agrees_with_fp32_on_cuda() -> None:
     ours, _ = build_pair(**SMALL)
     model = ours.train().to(CUDA).to(memory_format=torch.channels_last)
-    images, targets = _train_inputs((480, 640), CUDA)
+    images, targets = training_batch((480, 640), CUDA)
     losses = {}
     for precision in ("fp32", "fp16"):
         torch.manual_seed(0)  # the same anchor and proposal samples

@@ -148,9 +148,11 @@ def compare(ref: dict[str, Tensor], other: dict[str, Tensor]) -> dict[str, float
     }
 
 
-def _train_inputs(
+def training_batch(
     size: tuple[int, int], device: torch.device
 ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """Two images of ``size`` with 5 random boxes each (their masks fill the boxes), on
+    ``device``; the same for every call."""
     g = torch.Generator().manual_seed(2)
     images, targets = [], []
     for _ in range(2):
@@ -176,7 +178,7 @@ def bench_training(
     scale the loss as ``maskrcnn train`` does. On CUDA also torchvision under autocast and
     ours in both memory layouts."""
     device = next(ours.parameters()).device
-    images, targets = _train_inputs(size, device)
+    images, targets = training_batch(size, device)
 
     def step(model: torch.nn.Module, prec: str, channels_last: bool = True) -> Callable[[], None]:
         model = copy.deepcopy(model).train()
@@ -205,6 +207,7 @@ def bench_training(
     }
     if device.type == "cuda":
         steps["torchvision_amp"] = step(theirs, precision, channels_last=False)
+        # The layout ``maskrcnn train`` keeps on a GPU (channels-last only pays on a CPU).
         steps[f"ours_{precision}_nchw"] = step(ours, precision, channels_last=False)
     return alternate(steps, repeats, _warmups(device), synchronizer(device))
 
