@@ -95,6 +95,25 @@ def _warmups(device: torch.device) -> int:
     return 3 if device.type == "cuda" else 1  # CUDA: kernels loaded, cuDNN plans chosen
 
 
+INFERENCE_CONTENDERS = ("torchvision", "ours", "ours_exact", "ours_fast")
+
+
+def contender(kind: str, ours: MaskRCNN, theirs: TVMaskRCNN, fast_precision: str) -> Any:
+    """The model an inference contender runs: torchvision's, ours as is, or a copy of ours
+    on the fast path (``ours_exact`` in fp32, ``ours_fast`` in ``fast_precision``)."""
+    if kind == "torchvision":
+        return theirs
+    if kind == "ours":
+        return ours
+    precision = "fp32" if kind == "ours_exact" else fast_precision
+    return copy.deepcopy(ours).optimize_for_inference(precision)
+
+
+def bench_image(size: tuple[int, int], device: torch.device) -> list[Tensor]:
+    """The one random image every inference measurement runs on."""
+    return [torch.rand(3, *size, generator=torch.Generator().manual_seed(1)).to(device)]
+
+
 def bench_inference(
     ours: MaskRCNN, theirs: TVMaskRCNN, size: tuple[int, int], repeats: int, fast_precision: str
 ) -> tuple[dict[str, float], dict[str, float]]:
@@ -102,16 +121,14 @@ def bench_inference(
     fast (and on CUDA torchvision under autocast); how far the fast outputs are from the
     exact ones."""
     device = next(ours.parameters()).device
-    g = torch.Generator().manual_seed(1)
-    image = [torch.rand(3, *size, generator=g).to(device)]
-    exact = copy.deepcopy(ours).optimize_for_inference("fp32")
-    fast = copy.deepcopy(ours).optimize_for_inference(fast_precision)
-    calls: dict[str, Callable[[], object]] = {
-        "torchvision": lambda: theirs(image),
-        "ours": lambda: ours(image),
-        "ours_exact": lambda: exact(image),
-        "ours_fast": lambda: fast(image),
-    }
+    image = bench_image(size, device)
+    models = {k: contender(k, ours, theirs, fast_precision) for k in INFERENCE_CONTENDERS}
+    exact, fast = models["ours_exact"], models["ours_fast"]
+
+    def call(model: Any) -> Callable[[], object]:
+        return lambda: model(image)
+
+    calls = {k: call(m) for k, m in models.items()}
     if device.type == "cuda":
 
         def theirs_amp() -> object:
@@ -277,10 +294,8 @@ def _vm(field: str) -> int:
 
 def _peak_child(kind: str, size: tuple[int, int], precision: str, queue: Any) -> None:
     ours, theirs = build_models()
-    model: Any = {"torchvision": theirs, "ours": ours}.get(kind)
-    if model is None:
-        model = ours.optimize_for_inference("fp32" if kind == "ours_exact" else precision)
-    del theirs
+    model = contender(kind, ours, theirs, precision)
+    del ours, theirs
     image = [torch.rand(3, *size)]
     with torch.inference_mode():
         model(image)  # warm-up: allocator caches, one-time buffers
@@ -295,14 +310,10 @@ def bench_peak_cuda_memory(
 ) -> dict[str, float]:
     """Peak GPU memory (MiB) an inference allocates beyond what is held before it (weights,
     input), from PyTorch's CUDA allocator statistics."""
-    device = next(ours.parameters()).device
-    image = [torch.rand(3, *size, generator=torch.Generator().manual_seed(1)).to(device)]
+    image = bench_image(size, next(ours.parameters()).device)
     out = {}
-    for kind in ("torchvision", "ours", "ours_exact", "ours_fast"):
-        model: Any = {"torchvision": theirs, "ours": ours}.get(kind)
-        if model is None:
-            prec = "fp32" if kind == "ours_exact" else precision
-            model = copy.deepcopy(ours).optimize_for_inference(prec)
+    for kind in INFERENCE_CONTENDERS:
+        model = contender(kind, ours, theirs, precision)
         with torch.inference_mode():
             model(image)  # warm-up
             torch.cuda.synchronize()
@@ -319,7 +330,7 @@ def bench_peak_memory(size: tuple[int, int], precision: str) -> dict[str, float]
     """Peak resident memory (MiB) an inference adds, each contender in a fresh process."""
     ctx = mp.get_context("spawn")
     out = {}
-    for kind in ("torchvision", "ours", "ours_exact", "ours_fast"):
+    for kind in INFERENCE_CONTENDERS:
         queue = ctx.Queue()
         proc = ctx.Process(target=_peak_child, args=(kind, size, precision, queue))
         proc.start()
@@ -357,9 +368,9 @@ def run(
     On ``cuda`` data loading (CPU work) and the onnxruntime comparison are left out, and
     peak memory is the GPU's."""
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: PyTorch sees no CUDA device on this machine")
     if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: PyTorch sees no CUDA device on this machine")
         skip = (*skip, "loading", "onnx")
     precision = default_fast_precision(dev)
     ours, theirs = build_models(weights, resize=resize)

@@ -127,14 +127,23 @@ def zeros_lazy(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return torch.frombuffer(buffer, dtype=dtype).view(shape)
 
 
-def paste_masks_dense(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+def _padded(masks: Tensor, boxes: Tensor, padding: int) -> tuple[Tensor, Tensor]:
+    """(N, M + 2p, M + 2p) masks padded with zeros, and the (N, 4) integer boxes grown to
+    match, as torchvision's paste prepares them."""
+    padded = F.pad(masks[:, 0], (padding, padding, padding, padding))
+    grown = expand_boxes(boxes, float(padded.shape[-1]) / masks.shape[-1]).to(torch.int64)
+    return padded, grown
+
+
+def paste_masks_dense(
+    masks: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1
+) -> Tensor:
     """:func:`paste_masks` as two batched products over whole images, with no branch on the
-    boxes and no host round trip: ``Wy @ mask @ Wx^T`` with (H, M + 2) and (W, M + 2) weight
+    boxes and no host round trip: ``Wy @ mask @ Wx^T`` with (H, M + 2p) and (W, M + 2p) weight
     matrices that are zero outside each box. The form a GPU (one batched product instead of
     a loop over groups) and an ONNX graph want; on a CPU the windowed loop is faster."""
-    padded = F.pad(masks[:, 0], (1, 1, 1, 1))
+    padded, ib = _padded(masks, boxes, padding)
     side = padded.shape[-1]
-    ib = expand_boxes(boxes, float(side) / masks.shape[-1]).to(torch.int64)
     wy = interp_matrix(ib[:, 1], ib[:, 3], image_size[0], side, masks.dtype)
     wx = interp_matrix(ib[:, 0], ib[:, 2], image_size[1], side, masks.dtype)
     return torch.bmm(torch.bmm(wy, padded), wx.transpose(1, 2))[:, None]
@@ -159,18 +168,17 @@ def paste_masks(
     with one indexed copy. The work is proportional to the box areas, not to N x H x W,
     and the rest of the output stays untouched zeros (see ``zeros_lazy``). On a GPU, where
     each group would cost kernel launches and host round trips, all masks are pasted at
-    once by :func:`paste_masks_dense` (``padding`` 1).
+    once by :func:`paste_masks_dense`.
     """
-    if masks.device.type != "cpu" and padding == 1:
-        return paste_masks_dense(masks, boxes, image_size)
+    if masks.device.type != "cpu":
+        return paste_masks_dense(masks, boxes, image_size, padding)
     n = masks.shape[0]
     h, w = image_size
     out = zeros_lazy((n, 1, h, w), masks.dtype, masks.device)
     if n == 0:
         return out
-    padded = F.pad(masks[:, 0], (padding, padding, padding, padding))
+    padded, ib = _padded(masks, boxes, padding)
     side = padded.shape[-1]
-    ib = expand_boxes(boxes, float(side) / masks.shape[-1]).to(torch.int64)
     # The pixels of each box inside the image: from ``lo``, ``extent`` rows and columns.
     lo = torch.stack([ib[:, 1].clamp(min=0), ib[:, 0].clamp(min=0)], 1)
     hi = torch.stack([ib[:, 3].clamp(max=h - 1), ib[:, 2].clamp(max=w - 1)], 1)
