@@ -122,6 +122,7 @@ class DataConfig:
             raise ValueError(
                 f"data.on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}"
             )
+        _at_least(self, "data", batch_size=1, num_workers=0)
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,11 @@ class SolverConfig:
             raise ValueError(
                 f"solver.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"
             )
-        if self.accumulation_steps < 1:
-            raise ValueError("solver.accumulation_steps must be >= 1")
+        _at_least(self, "solver", max_iter=1, accumulation_steps=1, warmup_iters=0)
+        if self.base_lr <= 0:
+            raise ValueError(f"solver.base_lr must be > 0, got {self.base_lr}")
+        if list(self.steps) != sorted(self.steps):
+            raise ValueError(f"solver.steps must be increasing, got {list(self.steps)}")
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,19 @@ class RunConfig:
     max_nonfinite_skips: int = 0
     dist_timeout_s: float = 300.0
 
+    def __post_init__(self) -> None:
+        _at_least(self, "run", log_period=1, eval_period=0, checkpoint_period=1,
+                  num_overlays=0, max_nonfinite_skips=0)
+        if self.dist_timeout_s <= 0:
+            raise ValueError(f"run.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+
+
+def _at_least(cfg: Any, section: str, **minimum: int) -> None:
+    """A ValueError naming the first field of ``cfg`` below its minimum."""
+    for name, low in minimum.items():
+        if getattr(cfg, name) < low:
+            raise ValueError(f"{section}.{name} must be >= {low}, got {getattr(cfg, name)}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -183,33 +200,56 @@ class TrainConfig:
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:
-    """YAML values into the field's type: lists into tuples, dicts into dataclasses."""
+    """YAML values into the field's type: lists into tuples, dicts into dataclasses, a
+    number written as a string (YAML reads ``1e-3`` as one) into a float; anything that does
+    not fit the type is a ValueError naming the key."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint) and isinstance(value, dict):
         return from_dict(hint, value, where)  # type: ignore[arg-type]
     if origin in (typing.Union, types.UnionType):
-        if value is None:
+        if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is not type(None) and (
-                dataclasses.is_dataclass(arg)
-                or typing.get_origin(arg) is tuple
-                or arg in (int, float, str, bool)
-            ):
-                try:
-                    return _convert(value, arg, where)
-                except (TypeError, ValueError):
-                    continue
-        return value
-    if origin is tuple and isinstance(value, (list, tuple)):
-        item = args[0] if args else Any
-        return tuple(_convert(v, item, where) for v in value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, where)
+            except (TypeError, ValueError):
+                continue
+        names = " or ".join(_type_name(a) for a in args)
+        raise ValueError(f"{where}: expected {names}, got {value!r}")
+    if origin is tuple:
+        return _convert_tuple(value, args, where)
+    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+    if hint is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # a folder or file named by digits
+    if hint in (int, float, str, bool) and (
+        not isinstance(value, hint) or (hint is int and isinstance(value, bool))
+    ):
         raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
+
+
+def _convert_tuple(value: Any, args: tuple[Any, ...], where: str) -> tuple[Any, ...]:
+    """``tuple[X, ...]`` takes a list or a single value; ``tuple[X, Y]`` a list of that length."""
+    variable = len(args) == 2 and args[1] is Ellipsis
+    if variable and not isinstance(value, (list, tuple)):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or (not variable and len(value) != len(args)):
+        size = "a list" if variable else f"a list of {len(args)}"
+        raise ValueError(f"{where}: expected {size}, got {value!r}")
+    items = [args[0]] * len(value) if variable else list(args)
+    pairs = enumerate(zip(value, items, strict=True))
+    return tuple(_convert(v, h, f"{where}[{i}]") for i, (v, h) in pairs)
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    return hint.__name__ if isinstance(hint, type) else str(hint)
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:

@@ -75,3 +75,38 @@ def test_train_command_reports_bad_overrides_without_a_traceback(
     assert "override 'demo' must look like section.key=value" in err and "--config" in err
     assert main(["train", "--config", "demo", "solver.precision=fp8"]) == 2
     assert "solver.precision must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("solver.base_lr=1e-3", ("solver", "base_lr", 0.001)),  # YAML reads 1e-3 as a string
+        ("solver.steps=300", ("solver", "steps", (300,))),  # one step, no list needed
+        ("run.output_dir=2024", ("run", "output_dir", "2024")),
+    ],
+)
+def test_values_are_converted_to_the_field_type(
+    override: str, expected: tuple[str, str, object]
+) -> None:
+    section, name, value = expected
+    assert getattr(getattr(load_train_config(None, [override]), section), name) == value
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("solver.grad_clip_norm=abc", "solver.grad_clip_norm: expected float or null, got 'abc'"),
+        ("model.min_size=800.5", "model.min_size: expected int or tuple"),
+        ("model.image_mean=[0.5, 0.5]", "model.image_mean: expected a list of 3"),
+        ("model.class_agnostic_masks=1", "model.class_agnostic_masks: expected bool"),
+        ("run.seed=true", "run.seed: expected int, got True"),
+        ("run.checkpoint_period=0", "run.checkpoint_period must be >= 1, got 0"),
+        ("run.log_period=0", "run.log_period must be >= 1"),
+        ("solver.max_iter=-5", "solver.max_iter must be >= 1"),
+        ("data.batch_size=0", "data.batch_size must be >= 1"),
+        ("solver.steps=[80, 60]", "solver.steps must be increasing"),
+    ],
+)
+def test_values_that_cannot_work_are_refused_at_load_time(override: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_train_config(None, [override])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -154,3 +155,29 @@ def _is_descendant(ppid: int, root: int) -> bool:
         except OSError:
             return False
     return False
+
+
+VOTE = """
+import sys, torch
+from maskrcnn.engine.distributed import all_ranks_true, init_distributed, shutdown
+info = init_distributed(30)
+print(all_ranks_true(sys.argv[info.rank + 1] == "finite", info, torch.device("cpu")))
+shutdown(info)
+"""
+
+
+def test_a_non_finite_loss_in_one_process_is_seen_by_all() -> None:
+    """The trainer skips (or stops) in every process when one has a non-finite loss: a
+    process that skipped alone would leave the others waiting in the gradient exchange."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", VOTE, "finite", "nan"],
+            env={**env, "RANK": str(rank)}, stdout=subprocess.PIPE, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    assert [p.communicate(timeout=120)[0].strip() for p in procs] == ["False", "False"]

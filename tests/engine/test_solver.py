@@ -61,3 +61,10 @@ def test_linear_scaling_rule() -> None:
     assert effective_lr(cfg, batch_size=4) == pytest.approx(0.02 * 8 / 16)
     assert effective_lr(cfg, batch_size=4, world_size=2) == pytest.approx(0.02)
     assert effective_lr(SolverConfig(base_lr=0.02), batch_size=4) == 0.02
+
+
+def test_steps_after_the_last_iteration_are_reported(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = SolverConfig(max_iter=5000)  # the default steps (60000, 80000) never come
+    with caplog.at_level("WARNING", logger="maskrcnn"):
+        build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), cfg)
+    assert "solver.steps [60000, 80000] are not before solver.max_iter=5000" in caplog.text

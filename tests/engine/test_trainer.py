@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,105 @@ def test_nonfinite_steps_can_be_skipped_up_to_a_limit(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteLossError):
         trainer.train()
     assert trainer.nonfinite_skips == 1
+
+
+def test_logged_lr_is_the_one_each_step_used(tmp_path: Path) -> None:
+    trainer = Trainer(tiny_config(tmp_path, "solver.max_iter=3"), show_progress=False)
+    trainer.train()
+    logged = [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    # warm-up over 8 steps from 0.1 of base_lr 0.01: steps 0, 1, 2 use 0.1, 0.2125, 0.325 of it
+    assert logged == pytest.approx([0.001, 0.002125, 0.00325])
+
+
+def test_a_skipped_step_keeps_the_schedule_and_is_remembered(tmp_path: Path) -> None:
+    trainer = Trainer(
+        tiny_config(tmp_path, "solver.max_iter=2", "run.max_nonfinite_skips=5"),
+        show_progress=False,
+    )
+    calls = 0
+    forward = trainer.model.forward
+
+    def nan_on_first_call(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        nonlocal calls
+        calls += 1
+        losses = forward(*args, **kwargs)
+        return {k: v * float("nan") for k, v in losses.items()} if calls == 1 else losses
+
+    trainer.model.forward = nan_on_first_call  # type: ignore[method-assign]
+    trainer.train()
+    state = load_checkpoint(tmp_path / "last.pth")
+    assert state["iteration"] == 2 and state["scheduler"]["last_epoch"] == 2
+    assert state["nonfinite_skips"] == 1
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert records[0]["loss"] is None and records[1]["loss"] > 0  # JSON has no NaN
+    assert "NaN" not in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_a_failing_evaluation_leaves_the_checkpoint_of_its_iteration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import maskrcnn.engine.trainer as trainer_module
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("validation failed")
+
+    monkeypatch.setattr(trainer_module, "evaluate", broken)
+    trainer = Trainer(
+        tiny_config(tmp_path, "solver.max_iter=4", "run.eval_period=2", "run.checkpoint_period=2"),
+        show_progress=False,
+    )
+    with pytest.raises(RuntimeError, match="validation failed"):
+        trainer.train()
+    assert load_checkpoint(tmp_path / "last.pth")["iteration"] == 2
+
+
+def test_validation_skips_unreadable_images_when_asked(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, "solver.max_iter=1", "data.on_bad_sample=skip")
+    trainer = Trainer(cfg, show_progress=False)
+    assert trainer.val_set is not None
+    broken = trainer.val_set.image_path(0)
+    broken.write_bytes(broken.read_bytes()[:100])
+    metrics = trainer.train()
+    assert 0.0 <= metrics["segm"]["AP"] <= 1.0
+    assert (tmp_path / "last.pth").is_file()
+
+
+def test_resume_warns_about_a_missing_checkpoint_and_a_changed_config(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="maskrcnn"):
+        cfg = tiny_config(tmp_path, "solver.max_iter=1")
+        Trainer(cfg, resume=True, show_progress=False).train()
+    assert "no checkpoint at" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="maskrcnn"):
+        trainer = Trainer(
+            tiny_config(tmp_path, "solver.max_iter=2", "solver.base_lr=0.001"),
+            resume=True,
+            show_progress=False,
+        )
+    assert trainer.iteration == 1
+    assert "solver.base_lr: 0.01 -> 0.001" in caplog.text
+    assert "solver.max_iter: 1 -> 2" in caplog.text
+
+
+def test_tensorboard_drops_what_a_crashed_run_logged_after_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from maskrcnn.engine.logging import MetricsLogger
+
+    first = MetricsLogger(tmp_path)
+    for step in range(1, 8):  # the crashed run got to 7; its checkpoint is at 6
+        first.log("train", step, {"loss": float(step)})
+    first.close()
+    time.sleep(1.1)  # event files are named by the second they were opened in
+    resumed = MetricsLogger(tmp_path, start=6)
+    for step in range(7, 10):
+        resumed.log("train", step, {"loss": 10.0 * step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    scalars = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert scalars == [(s, float(s)) for s in range(1, 7)] + [(s, 10.0 * s) for s in (7, 8, 9)]

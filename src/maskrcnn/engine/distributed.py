@@ -64,6 +64,15 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
+def all_ranks_true(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """Whether ``flag`` holds in every process (just ``flag`` for one process)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -3,6 +3,7 @@ processes each predicts its share of the images and the main one computes the me
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from tqdm import tqdm
 
 from maskrcnn.data.coco import CocoDataset
 from maskrcnn.data.loader import build_loader
+from maskrcnn.engine.batches import training_loader
 from maskrcnn.engine.coco_results import prediction_to_coco
 from maskrcnn.engine.distributed import DistInfo, gather_objects
 from maskrcnn.engine.evaluator import CocoEvaluator
@@ -19,15 +21,18 @@ from maskrcnn.precision import autocast
 from maskrcnn.visualize import draw_instances, save_overlay, side_by_side
 
 Predictions = list[dict[str, torch.Tensor]]
+log = logging.getLogger("maskrcnn")
 
 
 @torch.no_grad()
 def predict_dataset(
     model: MaskRCNN, dataset: CocoDataset, device: torch.device, batch_size: int = 2,
     precision: str = "fp32", show_progress: bool = False, dist: DistInfo | None = None,
+    skip_bad: bool = False,
 ) -> tuple[Predictions, list[int]]:
     """Predictions (on the CPU) for this process's share of ``dataset`` (all of it for one
-    process), in order, with their image ids."""
+    process), in order, with their image ids. With ``skip_bad`` an image that cannot be read
+    is reported and left out (its id is not returned, so it is not scored)."""
     dist = dist or DistInfo()
     model.eval()
     loader = build_loader(dataset, batch_size, shuffle=False, num_workers=0,
@@ -35,7 +40,13 @@ def predict_dataset(
                           num_replicas=dist.world_size, rank=dist.rank)
     predictions: Predictions = []
     ids: list[int] = []
-    for images, targets in tqdm(loader, desc="eval", disable=not show_progress, leave=False):
+    for images, targets, bad in tqdm(training_loader(loader, 0, skip_bad), desc="eval",
+                                     disable=not show_progress, leave=False):
+        for sample in bad:
+            log.warning("skipped validation image id %d: %s",
+                        dataset.image_ids[sample.index], sample.message)
+        if not images:
+            continue
         with autocast(precision, device):
             out = model([im.to(device) for im in images])
         predictions += [{k: v.float().cpu() if v.is_floating_point() else v.cpu()
@@ -47,14 +58,14 @@ def predict_dataset(
 def evaluate(
     model: MaskRCNN, dataset: CocoDataset, device: torch.device, batch_size: int = 2,
     precision: str = "fp32", overlay_dir: str | Path | None = None, num_overlays: int = 4,
-    show_progress: bool = False, dist: DistInfo | None = None,
+    show_progress: bool = False, dist: DistInfo | None = None, skip_bad: bool = False,
 ) -> dict[str, Any]:
     """COCO bbox and segm metrics of ``model`` on ``dataset`` (every process gets them);
     with ``overlay_dir``, the main process saves ground truth and prediction side by side
-    for its first ``num_overlays`` images."""
+    for its first ``num_overlays`` images. ``skip_bad``: see :func:`predict_dataset`."""
     dist = dist or DistInfo()
     predictions, ids = predict_dataset(model, dataset, device, batch_size, precision,
-                                       show_progress, dist)
+                                       show_progress, dist, skip_bad)
     results = [r for p, i in zip(predictions, ids, strict=True)
                for r in prediction_to_coco(p, i, dataset.label_to_cat_id)]
     gathered = gather_objects((results, ids), dist)

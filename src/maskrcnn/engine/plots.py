@@ -29,10 +29,10 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
     names = sorted({k for r in train for k in r if k.startswith("loss")})
     fig, ax = plt.subplots(figsize=(8, 5))
     for name in names:
-        xs = [r["iter"] for r in train if name in r]
+        logged = [r for r in train if r.get(name) is not None]  # null: a skipped step
         ax.plot(
-            xs,
-            [r[name] for r in train if name in r],
+            [r["iter"] for r in logged],
+            [r[name] for r in logged],
             label=name,
             linewidth=2.5 if name == "loss" else 1.2,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 from maskrcnn.config import SolverConfig
 
+log = logging.getLogger("maskrcnn")
 NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.SyncBatchNorm)
 
 
@@ -55,4 +57,10 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: SolverConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped once per optimiser step (not per micro-batch)."""
+    late = [s for s in cfg.steps if s >= cfg.max_iter]
+    if cfg.schedule == "multistep" and late:
+        log.warning(
+            "solver.steps %s are not before solver.max_iter=%d: the learning rate will not "
+            "decay there (set solver.steps for this run's length)", late, cfg.max_iter,
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,13 @@ from maskrcnn.engine.build import (
     synthetic_data,
 )
 from maskrcnn.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from maskrcnn.engine.distributed import barrier, device_for, gather_objects, init_distributed
+from maskrcnn.engine.distributed import (
+    all_ranks_true,
+    barrier,
+    device_for,
+    gather_objects,
+    init_distributed,
+)
 from maskrcnn.engine.evaluation import evaluate
 from maskrcnn.engine.logging import MetricsLogger, read_metrics, truncate_after
 from maskrcnn.engine.plots import plot_ap, plot_losses
@@ -79,9 +86,9 @@ class Trainer:
         self.show_progress = show_progress and self.dist.is_main
         # Ranks draw different anchors and RoIs; data augmentation is seeded per sample.
         torch.manual_seed(cfg.run.seed + self.dist.rank)
-        if resume and (self.out / "last.pth").is_file():
-            self.load(self.out / "last.pth")
-        self.logger = MetricsLogger(self.out, enabled=self.dist.is_main)
+        if resume:
+            self.resume()
+        self.logger = MetricsLogger(self.out, enabled=self.dist.is_main, start=self.iteration)
         if self.dist.is_main:
             truncate_after(self.logger.path, self.iteration)
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -136,17 +143,22 @@ class Trainer:
             disable=not self.show_progress,
         )
         while self.iteration < s.max_iter:
+            lr = self.optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves
             losses = self.step(stream)
             self.iteration += 1
-            lr = self.optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}")
             bar.update(1)
             if self.iteration % r.log_period == 0 or self.iteration == s.max_iter:
                 self.logger.log("train", self.iteration, {**losses, "lr": lr, "epoch": self.epoch})
-            if r.eval_period and self.iteration % r.eval_period == 0:
-                self.run_evaluation()
-            if self.iteration % r.checkpoint_period == 0 or self.iteration == s.max_iter:
+            # The checkpoint comes first: an evaluation that fails must not cost the training.
+            checkpoint = self.iteration % r.checkpoint_period == 0 or self.iteration == s.max_iter
+            if checkpoint:
                 self.save(self.out / "last.pth")
+            if r.eval_period and self.iteration % r.eval_period == 0:
+                best = self.best_ap
+                self.run_evaluation()
+                if checkpoint and self.best_ap != best:
+                    self.save(self.out / "last.pth")  # so that a resumed run knows the best AP
         bar.close()
         if self.val_set is not None and (not r.eval_period or s.max_iter % r.eval_period):
             self.run_evaluation()
@@ -174,8 +186,11 @@ class Trainer:
                     losses = self.model(images, targets)
                 loss = sum(losses.values())
                 assert isinstance(loss, Tensor)
-                if not torch.isfinite(loss):
+                # All processes skip together (or stop together): one that skipped alone
+                # would leave the others waiting in the gradient exchange.
+                if not all_ranks_true(bool(torch.isfinite(loss)), self.dist, self.device):
                     self.nonfinite(losses, targets)
+                    self.skip_schedule_step()
                     return {"loss": float("nan")}
                 self.scaler.scale(loss / k).backward()
             for name, value in {**losses, "loss": loss}.items():
@@ -188,6 +203,12 @@ class Trainer:
         self.scheduler.step()
         return totals
 
+    def skip_schedule_step(self) -> None:
+        """Advance the schedule over a skipped step: it follows the iteration count."""
+        with warnings.catch_warnings():  # "scheduler stepped before optimizer": on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+
     def nonfinite(self, losses: dict[str, Tensor], targets: list[dict[str, Any]]) -> None:
         """Stop with a message naming the iteration and images, or skip the step when
         ``run.max_nonfinite_skips`` allows it."""
@@ -195,9 +216,10 @@ class Trainer:
         bad = {
             n: float(v.detach()) for n, v in losses.items() if not math.isfinite(float(v.detach()))
         }
+        where = f"{bad} on image ids {ids}" if bad else "in another process"
         message = (
-            f"non-finite loss at iteration {self.iteration + 1} {bad} on image ids "
-            f"{ids}; the last good checkpoint is {self.out / 'last.pth'}"
+            f"non-finite loss at iteration {self.iteration + 1} {where}; "
+            f"the last good checkpoint is {self.out / 'last.pth'}"
         )
         self.optimizer.zero_grad(set_to_none=True)
         if self.nonfinite_skips < self.cfg.run.max_nonfinite_skips:
@@ -224,6 +246,7 @@ class Trainer:
             num_overlays=self.cfg.run.num_overlays,
             show_progress=self.show_progress,
             dist=self.dist,
+            skip_bad=self.cfg.data.on_bad_sample == "skip",
         )
         self.model.train()
         flat = {
@@ -262,6 +285,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "best_ap": self.best_ap,
             "skipped_samples": self.skipped_samples,
+            "nonfinite_skips": self.nonfinite_skips,
             "rng": self.rng_states(),
             "config": to_dict(self.cfg),
             "class_names": list(self.train_set.class_names),
@@ -278,7 +302,25 @@ class Trainer:
         if self.dist.is_main:
             save_checkpoint(state, path)
 
-    def load(self, path: Path) -> None:
+    def resume(self) -> None:
+        """Continue from ``last.pth`` if the run folder has one (a first launch of a job that
+        is restarted with ``--resume`` has none, and starts afresh)."""
+        path = self.out / "last.pth"
+        if not path.is_file():
+            log.warning("--resume: no checkpoint at %s; starting a new run", path)
+            return
+        state = self.load(path)
+        saved = flatten(state.get("config", {}))
+        changed = {k: (saved[k], v) for k, v in flatten(to_dict(self.cfg)).items()
+                   if k in saved and saved[k] != v}
+        if changed:
+            log.warning(
+                "--resume: the configuration differs from the checkpoint's (the optimizer "
+                "and schedule state, e.g. the learning rate, come from the checkpoint): %s",
+                ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()),
+            )
+
+    def load(self, path: Path) -> dict[str, Any]:
         state = load_checkpoint(path, map_location=self.device)
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -287,7 +329,20 @@ class Trainer:
         self.iteration, self.epoch = state["iteration"], state["epoch"]
         self.batch_in_epoch, self.best_ap = state["batch_in_epoch"], state["best_ap"]
         self.skipped_samples = state.get("skipped_samples", 0)
+        self.nonfinite_skips = state.get("nonfinite_skips", 0)
         rngs = state["rng"]
         # A run resumed with as many processes as it had continues every stream exactly.
         set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
         log.info("resumed from %s at iteration %d", path, self.iteration)
+        return state
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"solver": {"base_lr": 0.02}}`` as ``{"solver.base_lr": 0.02}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
