@@ -107,7 +107,12 @@ example: maskrcnn train --config finetune_small data.train_json=train.json \\
            data.train_images=images/ data.val_json=val.json data.val_images=images/""",
     )
     p.add_argument("--config", help="YAML file or recipe name")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pth")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUTPUT_DIR/last.pth (a new run if there is none); the optimizer "
+        "and schedule state come from the checkpoint",
+    )
     p.add_argument(
         "--nproc",
         type=int,
