@@ -78,9 +78,32 @@ def test_image_problems(tmp_path: Path) -> None:
     moved = next(f for f in report.findings if f.image_id == 2)
     assert "found at sub/moved.png; use search_subfolders" in moved.message
     assert "20x10 (HxW" in next(f for f in report.findings if f.image_id == 3).message
-    assert not report.ok and len(report.errors) == 4
+    assert not report.ok and len(report.errors) == 5  # '../outside.png' counts: see below
     again = check_dataset(tmp_path / "ann.json", search_subfolders=True)
     assert _codes(again)["missing_image"] == [(5, None)]
+
+
+def test_path_outside_root_is_an_error_as_the_dataset_refuses_it(tmp_path: Path) -> None:
+    _png(tmp_path / "outside.png")
+    _png(tmp_path / "root" / "in.png")
+    ann = _write(tmp_path / "root", [_img(1, "in.png"), _img(2, "../outside.png")], [_ann(1)],
+                 [{"id": 1, "name": "a"}])
+    (finding,) = check_dataset(ann).findings
+    assert (finding.severity, finding.code, finding.image_id) == ("error", "path_outside_root", 2)
+    assert "data.allow_outside_root=true" in finding.message
+    allowed = check_dataset(ann, allow_outside_root=True)
+    assert allowed.ok and [(f.severity, f.code) for f in allowed.findings] == [
+        ("warning", "path_outside_root")]
+
+
+def test_windows_separators_in_file_name_are_found(tmp_path: Path) -> None:
+    _png(tmp_path / "imgs" / "a.png")
+    _png(tmp_path / "deep" / "b.png")
+    ann = _write(tmp_path, [_img(1, "imgs\\a.png"), _img(2, "other\\b.png")],
+                 [_ann(1), _ann(2, image_id=2)], [{"id": 1, "name": "a"}])
+    assert _codes(check_dataset(ann))["missing_image"] == [(2, None)]
+    # The basename search must see 'b.png', not the whole 'other\\b.png'.
+    assert check_dataset(ann, search_subfolders=True).findings == []
 
 
 def test_annotation_geometry_warnings(tmp_path: Path) -> None:
@@ -102,6 +125,8 @@ def test_annotation_geometry_warnings(tmp_path: Path) -> None:
     assert codes["polygon_outside_image"] == [(1, 3)]
     assert codes["degenerate_polygon"] == [(1, 4)]
     assert codes["empty_mask"] == [(1, 4)]
+    assert "the dataset drops this instance" in next(
+        f for f in report.findings if f.code == "empty_mask").message
     assert codes["bbox_mask_mismatch"] == [(1, 5), (1, 7)]
     assert codes["unused_category"] == [(None, None)]
     assert report.ok  # warnings only: the dataset still loads and trains
@@ -134,6 +159,32 @@ def test_unparsable_or_shapeless_json(tmp_path: Path) -> None:
     (tmp_path / "ann.json").write_text('{"images": [{"id": 1}], "categories": []}')
     report = check_dataset(tmp_path / "ann.json")
     assert [f.code for f in report.findings] == ["missing_key"]
+
+
+def test_invalid_image_is_reported_once_with_its_bad_value(tmp_path: Path) -> None:
+    _png(tmp_path / "x.png")
+    _png(tmp_path / "y.png")
+    images = [_img(1, "x.png"), {**_img(2, "y.png"), "height": 20.0}]
+    anns = [_ann(1), _ann(2, image_id=2), _ann(3, image_id=2)]
+    report = check_dataset(_write(tmp_path, images, anns, [{"id": 1, "name": "a"},
+                                                           {"id": 2, "name": "b"}]))
+    assert [(f.code, f.image_id) for f in report.errors] == [("bad_size", 2)]
+    assert report.errors[0].message == ("image id 2: height and width must be positive ints, "
+                                        "got height=20.0 (float), width=30; its 2 annotations "
+                                        "not checked")
+    # Counts come from the raw JSON although the check stopped after the structure.
+    assert (report.num_images, report.num_annotations, report.num_empty_images) == (2, 3, 0)
+    assert report.class_counts == [ClassCount(1, 1, "a", 3, 2), ClassCount(2, 2, "b", 0, 0)]
+    assert _codes(report)["unused_category"] == [(None, None)]
+
+
+def test_rejected_annotations_still_count_as_uses(tmp_path: Path) -> None:
+    _png(tmp_path / "x.png")
+    anns = [_ann(1, segmentation=[])]  # the only annotation of category 'a' is invalid
+    report = check_dataset(_write(tmp_path, [_img(1, "x.png")], anns, [{"id": 1, "name": "a"}]))
+    assert [f.code for f in report.findings] == ["bad_segmentation"]
+    assert (report.num_annotations, report.num_empty_images) == (1, 0)
+    assert report.class_counts == [ClassCount(1, 1, "a", 1, 1)]
 
 
 def test_exif_rotated_image_compares_by_displayed_size(tmp_path: Path) -> None:

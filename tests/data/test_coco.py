@@ -16,8 +16,10 @@ from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from maskrcnn.data.coco import CocoDataset, build_label_map, rle_string_counts
+from maskrcnn.data.coco import CocoDataset, build_label_map
+from maskrcnn.data.coco_schema import rle_string_counts
 from maskrcnn.data.errors import DatasetError
+from maskrcnn.data.transforms import build_transforms
 
 H, W = 12, 16
 
@@ -101,6 +103,36 @@ def test_bbox_xywh_becomes_xyxy_and_is_clipped(tmp_path: Path) -> None:
     assert tuple(target["boxes"].canvas_size) == (H, W)
     assert target["area"].tolist() == [99.0, 4.0]  # JSON area kept, else the mask's
     assert target["masks"].shape == (2, H, W)
+
+
+def test_instance_with_empty_mask_is_dropped_with_or_without_transforms(tmp_path: Path) -> None:
+    anns = [
+        _ann(1, [[1, 1, 5, 1, 5, 5, 1, 5]], category_id=1),
+        # Box inside the image, polygon wholly outside it: the mask has no pixel.
+        _ann(2, [[30, 30, 40, 30, 40, 40]], bbox=[2, 2, 4, 4], category_id=2),
+        # A sliver thinner than a pixel row rasterises to nothing either.
+        _ann(3, [[2, 8, 12, 8.2, 2, 8.4]], bbox=[2, 8, 10, 0.4], category_id=2),
+    ]
+    cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    path = _write_coco(tmp_path, anns, categories=cats)
+    _, plain = CocoDataset(path)[0]
+    _, flipped = CocoDataset(path, transforms=build_transforms([{"name": "hflip", "p": 1.0}],
+                                                              train=True))[0]
+    for target in (plain, flipped):
+        assert target["labels"].tolist() == [1]
+        assert target["masks"].shape == (1, H, W) and target["masks"].sum() == 16
+        assert len(target["boxes"]) == len(target["area"]) == len(target["iscrowd"]) == 1
+
+
+def test_windows_separators_in_file_name(tmp_path: Path) -> None:
+    _write_image(tmp_path / "imgs" / "a.png", value=55)
+    _write_image(tmp_path / "deep" / "b.png", value=66)
+    images = [{"id": 1, "file_name": "imgs\\a.png", "height": H, "width": W},
+              {"id": 2, "file_name": "moved\\b.png", "height": H, "width": W}]
+    path = _write_coco(tmp_path, [], images=images)
+    assert CocoDataset(path)[0][0][0, 5, 5].item() == 55
+    # The basename search looks for 'b.png', not for the whole Windows path.
+    assert CocoDataset(path, search_subfolders=True)[1][0][0, 5, 5].item() == 66
 
 
 def test_crowd_regions_dropped_or_kept(tmp_path: Path) -> None:

@@ -82,6 +82,34 @@ def test_labelme_rejects_unknown_shapes_and_foreign_json(tmp_path: Path) -> None
         labelme_to_coco(tmp_path, tmp_path / "out.json")
 
 
+def test_labelme_image_path_is_relative_to_its_json(tmp_path: Path) -> None:
+    # LabelMe's usual layout: JSONs in one folder, images beside it, imagePath '../images/..'.
+    _image(tmp_path / "images" / "x.png", 60, 40)
+    _image(tmp_path / "images" / "more" / "y.png", 60, 40)
+    (tmp_path / "ann").mkdir()
+    _labelme(tmp_path / "ann" / "x.json", "../images/x.png", [_shape("cat", [[1, 1], [9, 1],
+                                                                              [9, 9]])])
+    _labelme(tmp_path / "ann" / "y.json", "..\\images\\more\\y.png", [])  # Windows-made
+    out = labelme_to_coco(tmp_path / "ann", tmp_path / "ann" / "coco.json")
+    coco = json.loads(out.read_text())
+    root = tmp_path.resolve() / "images"
+    assert coco["info"]["image_root"] == str(root)
+    assert [i["file_name"] for i in coco["images"]] == ["x.png", "more/y.png"]
+    assert CocoDataset(out, root)[1][0].shape == (3, 40, 60)
+    assert check_dataset(out, root).ok
+
+
+def test_labelme_missing_image_or_input(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"nowhere: LabelMe folder not found"):
+        labelme_to_coco(tmp_path / "nowhere", tmp_path / "out.json")
+    with pytest.raises(DatasetError, match=r"no LabelMe \*\.json files"):
+        labelme_to_coco(tmp_path, tmp_path / "out.json")
+    _labelme(tmp_path / "one.json", "../pics/one.png", [])
+    with pytest.raises(DatasetError, match=r"one\.json: imagePath '\.\./pics/one\.png' points "
+                       r"to .*pics/one\.png, which is not a file"):
+        labelme_to_coco(tmp_path, tmp_path / "out.json")
+
+
 def _yolo_root(tmp_path: Path) -> Path:
     root = tmp_path / "yolo"
     _image(root / "images" / "a.png", 100, 50)
@@ -137,6 +165,38 @@ def test_yolo_bad_lines_name_file_and_line(tmp_path: Path, line: str, pattern: s
         yolo_seg_to_coco(root, tmp_path / "o.json")
 
 
+def test_yolo_missing_folders_or_files(tmp_path: Path) -> None:
+    root = _yolo_root(tmp_path)
+    (root / "labels" / "a.txt").rename(root / "a.txt")
+    (root / "labels" / "sub" / "b.txt").rename(root / "b.txt")
+    with pytest.raises(DatasetError, match=r"labels: no \*\.txt label files"):
+        yolo_seg_to_coco(root, tmp_path / "o.json")
+    (root / "labels" / "sub").rmdir()
+    (root / "labels").rmdir()
+    with pytest.raises(DatasetError, match=r"labels: no labels folder"):
+        yolo_seg_to_coco(root, tmp_path / "o.json")
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "labels").mkdir()
+    with pytest.raises(DatasetError, match=r"empty/images: no image files"):
+        yolo_seg_to_coco(empty, tmp_path / "o.json")
+
+
+def test_yolo_labels_without_images_are_reported(tmp_path: Path) -> None:
+    root = _yolo_root(tmp_path)
+    (root / "labels" / "val").mkdir()
+    (root / "labels" / "val" / "a.txt").write_text("0 0 0 1 0 1 1\n")
+    with pytest.warns(UserWarning, match=r"1 label files pair with no image and are ignored: "
+                      r"val/a\.txt"):
+        coco = json.loads(yolo_seg_to_coco(root, tmp_path / "o.json").read_text())
+    assert len(coco["annotations"]) == 3  # a.txt (2) and sub/b.txt (1); val/a.txt ignored
+    # When nothing pairs (labels/val vs images/train, say), the layout is wrong: an error.
+    for name in ("a.txt", "sub/b.txt"):
+        (root / "labels" / name).unlink()
+    with pytest.raises(DatasetError, match=r"none of the 1 label files pairs with an image"):
+        yolo_seg_to_coco(root, tmp_path / "o.json")
+
+
 def _penn_fudan(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
     images, masks = tmp_path / "PNGImages", tmp_path / "PedMasks"
     _image(images / "Fudan1.png", 8, 6)
@@ -176,3 +236,14 @@ def test_mask_pngs_missing_or_mis_sized(tmp_path: Path) -> None:
     (masks / "Fudan2.png").unlink()
     with pytest.raises(DatasetError, match=r"Fudan2\.png: no mask Fudan2\.png or Fudan2_mask"):
         mask_pngs_to_coco(images, masks, tmp_path / "out.json")
+
+
+def test_mask_pngs_missing_folders(tmp_path: Path) -> None:
+    images, masks, _ = _penn_fudan(tmp_path)
+    with pytest.raises(DatasetError, match=r"nowhere: image folder not found"):
+        mask_pngs_to_coco(tmp_path / "nowhere", masks, tmp_path / "out.json")
+    with pytest.raises(DatasetError, match=r"nowhere: mask folder not found"):
+        mask_pngs_to_coco(images, tmp_path / "nowhere", tmp_path / "out.json")
+    (tmp_path / "blank").mkdir()
+    with pytest.raises(DatasetError, match=r"blank: no image files \(\.bmp, "):
+        mask_pngs_to_coco(tmp_path / "blank", masks, tmp_path / "out.json")

@@ -116,3 +116,10 @@ def test_two_hundred_images_take_seconds(tmp_path: Path) -> None:
 def test_bad_arguments_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_objects"):
         make_synthetic_coco(tmp_path, 3, max_objects=0)
+
+
+@pytest.mark.parametrize("split", ["../escape", "a/b", "a\\b", "..", ""])
+def test_split_name_must_stay_inside_out_dir(tmp_path: Path, split: str) -> None:
+    with pytest.raises(ValueError, match="must be a plain name"):
+        make_synthetic_coco(tmp_path / "out", 1, split_name=split)
+    assert list(tmp_path.iterdir()) == []

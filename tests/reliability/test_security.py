@@ -26,6 +26,7 @@ from PIL import Image
 import maskrcnn
 from maskrcnn.cli import main
 from maskrcnn.config import ModelConfig, load_train_config
+from maskrcnn.data.checks import check_dataset
 from maskrcnn.data.coco import CocoDataset
 from maskrcnn.data.errors import DatasetError
 from maskrcnn.data.synthetic import make_synthetic_coco
@@ -207,12 +208,17 @@ def test_file_names_cannot_leave_the_image_root(outside: Path, how: str) -> None
     ann = _coco_naming(root, file_name)
     # Refused when the dataset is built, before any file is opened.
     with pytest.raises(DatasetError, match="image id 9: file_name .*secret.png.* is absolute or "
-                       r"has a '\.\.' part.*allow_outside_root=True") as info:
+                       r"has a '\.\.' part.*allow_outside_root=True "
+                       r"\(config: data\.allow_outside_root=true\)") as info:
         CocoDataset(ann, root)
     assert file_name in str(info.value).replace("\\\\", "\\")
-    if how != "windows":  # the user may allow it
-        image, _ = CocoDataset(ann, root, allow_outside_root=True)[0]
-        assert image.shape == (3, 4, 6)
+    # `data check` agrees: an error unless allowed there too.
+    assert [(f.severity, f.code) for f in check_dataset(ann, root).errors] == [
+        ("error", "path_outside_root")]
+    assert check_dataset(ann, root, allow_outside_root=True).ok
+    # The user may allow it; backslashes are separators, so the Windows form is found too.
+    image, _ = CocoDataset(ann, root, allow_outside_root=True)[0]
+    assert image.shape == (3, 4, 6)
 
 
 def test_ordinary_file_names_stay_allowed(outside: Path) -> None:

@@ -11,12 +11,13 @@ from typing import Any, Literal
 
 from pycocotools import mask as mask_utils
 
-from maskrcnn.data.coco import (
-    build_label_map,
+from maskrcnn.data.coco import build_label_map, segmentation_to_rle
+from maskrcnn.data.coco_schema import (
     escapes_root,
+    is_int,
     iter_structure_problems,
     load_coco_json,
-    segmentation_to_rle,
+    posix_file_name,
 )
 from maskrcnn.data.errors import DatasetError
 from maskrcnn.data.image_io import index_by_basename, is_file, read_image_size, swapped_hint
@@ -108,9 +109,30 @@ class CheckReport:
         return "\n".join(lines)
 
 
+def _entries(data: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """The dict entries of ``data[key]``; none when it is not a list (an error elsewhere)."""
+    value = data.get(key)
+    return [e for e in value if isinstance(e, dict)] if isinstance(value, list) else []
+
+
+def _int_values(entries: list[dict[str, Any]], key: str) -> list[int]:
+    return [e[key] for e in entries if is_int(e.get(key))]
+
+
+def _valid_categories(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Categories with an int id and a name, first of each id: what the label map is built
+    from, even when other parts of the JSON are broken."""
+    by_id: dict[int, dict[str, Any]] = {}
+    for cat in _entries(data, "categories"):
+        if "name" in cat and is_int(cat.get("id")):
+            by_id.setdefault(cat["id"], cat)
+    return list(by_id.values())
+
+
 def _category_findings(data: dict[str, Any]) -> Iterator[Finding]:
+    categories = _valid_categories(data)
     by_name: dict[str, list[int]] = {}
-    for cat in data["categories"]:
+    for cat in categories:
         by_name.setdefault(str(cat["name"]), []).append(cat["id"])
     for name, ids in by_name.items():
         if len(ids) > 1:
@@ -118,8 +140,8 @@ def _category_findings(data: dict[str, Any]) -> Iterator[Finding]:
             yield Finding("warning", "duplicate_category_name",
                           f"category ids {sorted(ids)} are all named '{name}'; "
                           f"their labels are named {suffixed}")
-    used = {ann["category_id"] for ann in data.get("annotations", [])}
-    for cat in data["categories"]:
+    used = set(_int_values(_entries(data, "annotations"), "category_id"))
+    for cat in categories:
         if cat["id"] not in used:
             yield Finding("warning", "unused_category",
                           f"category id {cat['id']} '{cat['name']}' has no annotations")
@@ -154,23 +176,31 @@ def _size_finding(img: dict[str, Any], path: Path) -> Finding | None:
                    img["id"], file=img["file_name"])
 
 
+def _outside_root_finding(img: dict[str, Any], allowed: bool) -> Finding:
+    where = (f"image id {img['id']}: file_name '{img['file_name']}' is absolute or leaves the "
+             "image root")
+    if allowed:
+        return Finding("warning", "path_outside_root", f"{where}; the dataset will not be "
+                       "relocatable", img["id"], file=img["file_name"])
+    return Finding("error", "path_outside_root", f"{where}; CocoDataset refuses it unless "
+                   "allow_outside_root=True (config: data.allow_outside_root=true, "
+                   "check: --allow-outside-root)", img["id"], file=img["file_name"])
+
+
 def _image_findings(
-    images: list[dict[str, Any]], root: Path, search_subfolders: bool
+    images: list[dict[str, Any]], root: Path, search_subfolders: bool, allow_outside_root: bool
 ) -> Iterator[Finding]:
     for img in images:
         if escapes_root(img["file_name"]):
-            yield Finding("warning", "path_outside_root",
-                          f"image id {img['id']}: file_name '{img['file_name']}' is absolute or "
-                          "leaves the image root; the dataset will not be relocatable",
-                          img["id"], file=img["file_name"])
+            yield _outside_root_finding(img, allow_outside_root)
     index: dict[str, list[Path]] | None = None
     readable: list[tuple[dict[str, Any], Path]] = []
     for img in images:
-        path = root / img["file_name"]
+        path = root / posix_file_name(img["file_name"])
         if not is_file(path):
             # Walked at most once, and only when some image is missing.
             index = index if index is not None else index_by_basename(root)
-            found = index.get(Path(img["file_name"]).name, [])
+            found = index.get(path.name, [])
             if not (search_subfolders and len(found) == 1):
                 yield _missing_image_finding(img, root, found)
                 continue
@@ -226,8 +256,8 @@ def _mask_findings(ann: dict[str, Any], height: int, width: int) -> Iterator[Fin
     ids = f"annotation id {ann['id']} (image id {ann['image_id']})"
     rle = segmentation_to_rle(ann["segmentation"], height, width)
     if mask_utils.area(rle) == 0:
-        yield Finding("warning", "empty_mask", f"{ids}: the mask covers no pixel",
-                      ann["image_id"], ann["id"])
+        yield Finding("warning", "empty_mask", f"{ids}: the mask covers no pixel; the dataset "
+                      "drops this instance", ann["image_id"], ann["id"])
         return
     bbox = ann.get("bbox")
     if bbox and bbox[2] > 0 and bbox[3] > 0:
@@ -250,12 +280,16 @@ def _annotation_findings(data: dict[str, Any]) -> Iterator[Finding]:
 
 
 def _class_counts(data: dict[str, Any]) -> list[ClassCount]:
-    annotations = data.get("annotations", [])
-    instances = Counter(ann["category_id"] for ann in annotations)
+    """Per-category counts from the raw JSON, rejected annotations included: they are in the
+    file, and a fix makes them count."""
+    annotations = _entries(data, "annotations")
+    instances = Counter(_int_values(annotations, "category_id"))
     image_sets: dict[int, set[int]] = {}
     for ann in annotations:
-        image_sets.setdefault(ann["category_id"], set()).add(ann["image_id"])
-    label_to_cat_id, class_names = build_label_map(data["categories"])
+        cat_id, image_id = ann.get("category_id"), ann.get("image_id")
+        if is_int(cat_id) and is_int(image_id):
+            image_sets.setdefault(cat_id, set()).add(image_id)
+    label_to_cat_id, class_names = build_label_map(_valid_categories(data))
     return [
         ClassCount(label, cat_id, class_names[label], instances[cat_id],
                    len(image_sets.get(cat_id, ())))
@@ -263,8 +297,24 @@ def _class_counts(data: dict[str, Any]) -> list[ClassCount]:
     ]
 
 
+def _statistics(report: CheckReport, data: dict[str, Any]) -> None:
+    """Totals and per-class counts, from the raw JSON so they hold for a broken file too."""
+    images, annotations = data.get("images"), data.get("annotations")
+    report.num_images = len(images) if isinstance(images, list) else 0
+    report.num_annotations = len(annotations) if isinstance(annotations, list) else 0
+    annotated = set(_int_values(_entries(data, "annotations"), "image_id"))
+    report.num_empty_images = sum(
+        1 for img in _entries(data, "images")
+        if not (is_int(img.get("id")) and img["id"] in annotated)  # an id may be unhashable
+    )
+    report.class_counts = _class_counts(data)
+
+
 def check_dataset(
-    ann_file: str | Path, image_root: str | Path | None = None, search_subfolders: bool = False
+    ann_file: str | Path,
+    image_root: str | Path | None = None,
+    search_subfolders: bool = False,
+    allow_outside_root: bool = False,
 ) -> CheckReport:
     """Checks a COCO instance-segmentation dataset without decoding any image.
 
@@ -272,6 +322,9 @@ def check_dataset(
     ``CocoDataset`` refuse to load) come first; the image and geometry checks run only when
     the structure is sound. With ``search_subfolders``, images found by basename elsewhere
     under the root (as ``CocoDataset(search_subfolders=True)`` finds them) are not errors.
+    A ``file_name`` that is absolute or has a ``..`` part is an error, as ``CocoDataset``
+    refuses it, unless ``allow_outside_root`` (then a warning). Counts and class statistics
+    come from the raw JSON, whatever its defects.
     """
     ann_file = Path(ann_file)
     root = Path(image_root) if image_root is not None else ann_file.parent
@@ -281,22 +334,20 @@ def check_dataset(
     except DatasetError as e:
         report.findings.append(Finding("error", "invalid_json", str(e), file=str(ann_file)))
         return report
+    _statistics(report, data)
     problems = list(iter_structure_problems(data))
     report.findings += [
         Finding("error", p.code, p.message, p.image_id, p.ann_id) for p in problems
     ]
+    report.findings += _category_findings(data)
     # A defect not tied to one annotation (top level, images, categories) leaves nothing to
     # check safely; a defective annotation is only left out of the later checks.
     if any(p.ann_id is None for p in problems):
         return report
     bad = {p.ann_id for p in problems}
-    annotations = data.get("annotations", [])
-    report.num_images, report.num_annotations = len(data["images"]), len(annotations)
-    data = {**data, "annotations": [a for a in annotations if a["id"] not in bad]}
-    report.num_empty_images = len({i["id"] for i in data["images"]}
-                                  - {a["image_id"] for a in data["annotations"]})
-    report.class_counts = _class_counts(data)
-    report.findings += _category_findings(data)
-    report.findings += _image_findings(data["images"], root, search_subfolders)
+    data = {**data, "annotations": [a for a in data.get("annotations", [])
+                                    if a["id"] not in bad]}
+    report.findings += _image_findings(data["images"], root, search_subfolders,
+                                       allow_outside_root)
     report.findings += _annotation_findings(data)
     return report

@@ -1,14 +1,17 @@
 """Converters to COCO JSON from LabelMe folders, YOLO segmentation labels and mask PNGs.
 
 Every converter writes a COCO instance-segmentation JSON whose ``file_name`` entries are
-relative to the image folder it reads (pass that folder as ``image_root``), and returns the
-path of the JSON it wrote. Category ids start at 1.
+relative to one image folder, records that folder (absolute) as ``info["image_root"]`` (pass
+it as ``image_root`` / ``data.train_images``), and returns the path of the JSON it wrote.
+Category ids start at 1. A missing input folder, or one without any input file, raises
+``DatasetError`` naming it: an empty JSON would only fail later, far from the cause.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,8 +21,9 @@ import yaml
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from maskrcnn.data.coco_schema import posix_file_name
 from maskrcnn.data.errors import DatasetError
-from maskrcnn.data.image_io import read_image_size
+from maskrcnn.data.image_io import is_file, read_image_size
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 _CIRCLE_POINTS = 32  # LabelMe circles become regular 32-gons
@@ -55,11 +59,13 @@ def _mask_annotation(mask: np.ndarray) -> dict[str, Any]:
 
 def _write_coco(
     out_json: str | Path,
+    image_root: Path,
     images: list[dict[str, Any]],
     instances: list[tuple[int, int, dict[str, Any]]],
     names: list[str],
 ) -> Path:
-    """Writes images, ``(image_id, category_id, fields)`` instances and categories ``1..K``."""
+    """Writes images, ``(image_id, category_id, fields)`` instances and categories ``1..K``;
+    ``info["image_root"]`` says what the file names are relative to."""
     annotations = [
         {"id": k, "image_id": image_id, "category_id": cat_id, **fields}
         for k, (image_id, cat_id, fields) in enumerate(instances, start=1)
@@ -67,7 +73,9 @@ def _write_coco(
     categories = [{"id": k, "name": n, "supercategory": ""} for k, n in enumerate(names, 1)]
     out = Path(out_json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    coco = {"images": images, "annotations": annotations, "categories": categories}
+    info = {"description": "converted by maskrcnn", "image_root": str(image_root.absolute())}
+    coco = {"info": info, "images": images, "annotations": annotations,
+            "categories": categories}
     out.write_text(json.dumps(coco))
     return out
 
@@ -101,16 +109,27 @@ def _labelme_polygon(shape: dict[str, Any], where: str) -> list[float] | None:
     raise DatasetError(f"{where}: cannot convert a '{kind}' shape with {len(points)} points")
 
 
-def _labelme_image(path: Path, folder: Path, record: dict[str, Any]) -> dict[str, Any]:
+def _labelme_image_path(path: Path, record: dict[str, Any]) -> Path:
+    """The image a LabelMe file describes, absolute and normalised.
+
+    LabelMe stores ``imagePath`` relative to the JSON file (often ``../images/x.jpg``), with
+    backslashes when written on Windows.
+    """
     image_path = record.get("imagePath")
     if not isinstance(image_path, str) or not image_path:
         raise DatasetError(f"{path}: no 'imagePath'")
-    # LabelMe stores imagePath relative to its JSON, which sits in ``folder``.
-    file_name = image_path.replace("\\", "/")
+    resolved = Path(os.path.normpath(path.parent / posix_file_name(image_path)))
+    if not is_file(resolved):
+        raise DatasetError(f"{path}: imagePath '{image_path}' points to {resolved}, which is "
+                           "not a file (imagePath is relative to the LabelMe JSON)")
+    return resolved
+
+
+def _labelme_size(record: dict[str, Any], image: Path) -> tuple[int, int]:
     height, width = record.get("imageHeight"), record.get("imageWidth")
-    if not (isinstance(height, int) and isinstance(width, int)):
-        height, width = read_image_size(folder / file_name)
-    return {"file_name": file_name, "height": height, "width": width}
+    if isinstance(height, int) and isinstance(width, int):
+        return height, width
+    return read_image_size(image)
 
 
 def _labelme_instances(path: Path, record: dict[str, Any]) -> dict[Any, tuple[str, list[Any]]]:
@@ -135,31 +154,48 @@ def _labelme_instances(path: Path, record: dict[str, Any]) -> dict[Any, tuple[st
     return instances
 
 
+def _common_root(paths: list[Path], what: str) -> Path:
+    """The deepest folder holding every file of ``paths`` (absolute)."""
+    try:
+        return Path(os.path.commonpath([str(p.parent) for p in paths]))
+    except ValueError as e:  # e.g. images on two Windows drives
+        raise DatasetError(f"{what}: the images share no common folder ({e})") from e
+
+
 def labelme_to_coco(folder: str | Path, out_json: str | Path) -> Path:
     """Converts a folder of LabelMe ``*.json`` files (not recursive) to one COCO JSON.
 
     Polygons, rectangles and circles (as 32-gons) become polygon instances; lines and points
     are skipped with a warning. Categories are the labels, sorted by name, ids ``1..K``.
-    ``file_name`` is relative to ``folder``.
+    Each ``imagePath`` is resolved relative to its JSON file and must exist; ``file_name`` is
+    relative to the deepest folder holding all images, written to ``info["image_root"]``.
     """
     folder = Path(folder).resolve()
     out = Path(out_json).resolve()
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: LabelMe folder not found")
     files = sorted(p for p in folder.glob("*.json") if p.resolve() != out)
-    records: list[tuple[dict[str, Any], dict[Any, tuple[str, list[Any]]]]] = []
+    if not files:
+        raise DatasetError(f"{folder}: no LabelMe *.json files in this folder")
+    records = []
     for path in files:
         record = _read_json(path)
         if not isinstance(record, dict) or not isinstance(record.get("shapes"), list):
             raise DatasetError(f"{path}: not a LabelMe file (no 'shapes' list)")
-        records.append((_labelme_image(path, folder, record), _labelme_instances(path, record)))
-    names = sorted({label for _, insts in records for label, _ in insts.values()})
+        insts = _labelme_instances(path, record)
+        records.append((record, _labelme_image_path(path, record), insts))
+    root = _common_root([image for _, image, _ in records], str(folder))
+    names = sorted({label for _, _, insts in records for label, _ in insts.values()})
     cat_ids = {name: k for k, name in enumerate(names, start=1)}
     images, instances = [], []
-    for image_id, (image, insts) in enumerate(records, start=1):
-        images.append({"id": image_id, **image})
+    for image_id, (record, image, insts) in enumerate(records, start=1):
+        height, width = _labelme_size(record, image)
+        images.append({"id": image_id, "file_name": image.relative_to(root).as_posix(),
+                       "height": height, "width": width})
         for label, polygons in insts.values():
-            fields = _polygon_annotation(polygons, image["height"], image["width"])
+            fields = _polygon_annotation(polygons, height, width)
             instances.append((image_id, cat_ids[label], fields))
-    return _write_coco(out_json, images, instances, names)
+    return _write_coco(out_json, root, images, instances, names)
 
 
 def _yolo_names(root: Path) -> list[str] | None:
@@ -197,6 +233,38 @@ def _yolo_line(line: str, where: str, height: int, width: int) -> tuple[int, lis
     return cls, [v * (width if k % 2 == 0 else height) for k, v in enumerate(coords)]
 
 
+def _image_files(folder: Path, recursive: bool) -> list[Path]:
+    """The image files in ``folder``, sorted; DatasetError when the folder is missing or
+    holds none."""
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: image folder not found")
+    found = folder.rglob("*") if recursive else folder.glob("*")
+    paths = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise DatasetError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return paths
+
+
+def _check_yolo_labels(labels_dir: Path, used: set[Path]) -> None:
+    """Raises when no label file pairs with an image; warns about the ones that do not.
+
+    A label without an image is lost from the output, so it is never silent; a few strays
+    (images deleted after labelling) are common, so only a layout where nothing pairs fails.
+    """
+    labels = sorted(labels_dir.rglob("*.txt"))
+    if not labels:
+        raise DatasetError(f"{labels_dir}: no *.txt label files")
+    orphans = [p.relative_to(labels_dir).as_posix() for p in labels if p not in used]
+    shown = ", ".join(orphans[:5]) + (", ..." if len(orphans) > 5 else "")
+    if len(orphans) == len(labels):
+        raise DatasetError(f"{labels_dir}: none of the {len(labels)} label files pairs with an "
+                           f"image in {labels_dir.parent / 'images'} (labels/X/NAME.txt pairs "
+                           f"with images/X/NAME.ext): {shown}")
+    if orphans:
+        warnings.warn(f"{labels_dir}: {len(orphans)} label files pair with no image and are "
+                      f"ignored: {shown}", stacklevel=3)
+
+
 def yolo_seg_to_coco(
     root: str | Path, out_json: str | Path, class_names: list[str] | None = None
 ) -> Path:
@@ -204,23 +272,29 @@ def yolo_seg_to_coco(
 
     ``root/images/**/NAME.ext`` pairs with ``root/labels/**/NAME.txt`` holding one instance a
     line: ``class x1 y1 x2 y2 ...`` normalised to [0, 1]. An image without a label file has no
-    instances. Names come from ``class_names``, else ``root/data.yaml``, else
-    ``root/classes.txt``, else ``class_<i>``. YOLO class ``i`` becomes COCO category ``i + 1``.
-    ``file_name`` is relative to ``root/images``.
+    instances; a label file without an image is reported with a warning (an error when no
+    label file pairs with any image). Names come from ``class_names``, else
+    ``root/data.yaml``, else ``root/classes.txt``, else ``class_<i>``. YOLO class ``i``
+    becomes COCO category ``i + 1``. ``file_name`` is relative to ``root/images``.
     """
     root = Path(root)
     images_dir, labels_dir = root / "images", root / "labels"
     if not images_dir.is_dir():
         raise DatasetError(f"{images_dir}: no images folder")
+    if not labels_dir.is_dir():
+        raise DatasetError(f"{labels_dir}: no labels folder (YOLO-seg needs ROOT/images and "
+                           "ROOT/labels)")
     names = class_names if class_names is not None else _yolo_names(root)
-    paths = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = _image_files(images_dir, recursive=True)
+    label_files = {p: (labels_dir / p.relative_to(images_dir)).with_suffix(".txt")
+                   for p in paths}
+    _check_yolo_labels(labels_dir, {f for f in label_files.values() if f.is_file()})
     images, instances = [], []
     for image_id, path in enumerate(paths, start=1):
         height, width = read_image_size(path)
-        rel = path.relative_to(images_dir)
-        images.append({"id": image_id, "file_name": rel.as_posix(), "height": height,
-                       "width": width})
-        label_file = (labels_dir / rel).with_suffix(".txt")
+        images.append({"id": image_id, "file_name": path.relative_to(images_dir).as_posix(),
+                       "height": height, "width": width})
+        label_file = label_files[path]
         lines = label_file.read_text().splitlines() if label_file.is_file() else []
         for n, line in enumerate(lines, start=1):
             if line.strip():
@@ -232,7 +306,7 @@ def yolo_seg_to_coco(
                                                                           width)))
     if names is None:
         names = [f"class_{i}" for i in range(max((c for _, c, _ in instances), default=0))]
-    return _write_coco(out_json, images, instances, list(names))
+    return _write_coco(out_json, images_dir, images, instances, list(names))
 
 
 def _read_instance_ids(path: Path) -> np.ndarray:
@@ -263,8 +337,10 @@ def mask_pngs_to_coco(
     ``file_name`` is relative to ``images_dir``.
     """
     images_dir, masks_dir = Path(images_dir), Path(masks_dir)
+    paths = _image_files(images_dir, recursive=False)
+    if not masks_dir.is_dir():
+        raise DatasetError(f"{masks_dir}: mask folder not found")
     masks = {p.stem: p for p in masks_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
-    paths = sorted(p for p in images_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     images, instances = [], []
     for image_id, path in enumerate(paths, start=1):
         mask_path = masks.get(path.stem) or masks.get(f"{path.stem}_mask")
@@ -280,4 +356,4 @@ def mask_pngs_to_coco(
         for value in np.unique(ids):
             if value != 0:
                 instances.append((image_id, 1, _mask_annotation(ids == value)))
-    return _write_coco(out_json, images, instances, [category_name])
+    return _write_coco(out_json, images_dir, images, instances, [category_name])

@@ -45,7 +45,7 @@ def _check_file(path: Path) -> None:
         raise DatasetError(f"{path}: image file is empty (0 bytes)")
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Converts any PIL mode to 8-bit RGB.
 
     16-bit and 32-bit integer grey images keep their top 8 bits (65535 -> 255) instead of
@@ -91,7 +91,7 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> t
         upright: Image.Image = img
         if img.getexif().get(_EXIF_ORIENTATION_TAG, 1) != 1:
             upright = ImageOps.exif_transpose(img)  # a transposed copy
-        array = np.array(_to_rgb(upright), dtype=np.uint8)
+        array = np.array(to_rgb(upright), dtype=np.uint8)
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 

@@ -153,7 +153,8 @@ def make_synthetic_coco(
     shapes occlude earlier ones; occluded instances are stored as RLE of their visible part
     (so masks never overlap) and dropped when less than 20% stays visible. Unoccluded
     rectangles/triangles are stored as polygons, circles as compressed RLE. The same
-    arguments give byte-identical files.
+    arguments give byte-identical files. ``split_name`` must be a plain name (no ``/``,
+    ``\\`` or ``..``), else ValueError.
 
     Returns:
         The path of the JSON file.
@@ -161,6 +162,10 @@ def make_synthetic_coco(
     if num_images < 0 or size < 16 or max_objects < 1 or not 0.0 <= empty_fraction <= 1.0:
         raise ValueError("need num_images >= 0, size >= 16, max_objects >= 1, "
                          "0 <= empty_fraction <= 1")
+    # The split names a folder and a file inside out_dir: a path would write elsewhere.
+    if not split_name or "/" in split_name or "\\" in split_name or ".." in split_name:
+        raise ValueError(f"split name {split_name!r} must be a plain name, without '/', '\\' "
+                         "or '..'")
     out_dir = Path(out_dir)
     (out_dir / split_name).mkdir(parents=True, exist_ok=True)
     seeds = _split_seed(seed, split_name).spawn(num_images + 1)

@@ -121,8 +121,32 @@ class Compose:
         return f"Compose([{inner}])"
 
 
+class _ExactMasks(v2.Transform):
+    """Base for v2 resizing transforms: masks are resized with NEAREST_EXACT.
+
+    v2 resizes masks with NEAREST, which for a downscale by ``s`` reads source pixel
+    ``floor(i * s)`` instead of the one under output pixel ``i``'s centre: the mask drifts
+    about ``(s - 1) / (2 s)`` pixels down and right of the (centre-aligned) image.
+    """
+
+    def _call_kernel(self, functional: Callable[..., Any], inpt: Any, *args: Any,
+                     **kwargs: Any) -> Any:
+        if isinstance(inpt, tv_tensors.Mask) and "interpolation" in kwargs:
+            kwargs["interpolation"] = v2.InterpolationMode.NEAREST_EXACT
+        return super()._call_kernel(functional, inpt, *args, **kwargs)
+
+
+class _ShortestSize(_ExactMasks, v2.RandomShortestSize):
+    """v2's ``RandomShortestSize`` with pixel-centre mask sampling."""
+
+
+class _ScaleJitterResize(_ExactMasks, v2.ScaleJitter):
+    """v2's ``ScaleJitter`` with pixel-centre mask sampling."""
+
+
 class RandomCropResize(v2.RandomResizedCrop):
-    """v2's ``RandomResizedCrop``; with ``size=None`` the crop is kept at its own size."""
+    """v2's ``RandomResizedCrop`` with pixel-centre mask sampling; with ``size=None`` the crop
+    is kept at its own size."""
 
     def __init__(
         self, size: int | None, scale: tuple[float, float], ratio: tuple[float, float]
@@ -133,6 +157,10 @@ class RandomCropResize(v2.RandomResizedCrop):
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if self.crop_only:
             return F.crop(inpt, **params)
+        if isinstance(inpt, tv_tensors.Mask):
+            # v2's resized_crop ignores the interpolation for masks: crop, then resize.
+            return F.resize(F.crop(inpt, **params), self.size,
+                            interpolation=v2.InterpolationMode.NEAREST_EXACT)
         return super().transform(inpt, params)
 
 
@@ -176,7 +204,7 @@ def _random_resized_crop(
 
 def _scale_jitter(size: int, min_scale: float = 0.8, max_scale: float = 1.25) -> SampleTransform:
     # Copy-Paste paper: resize the longer side to size * U(min, max), then crop/pad to size².
-    resize = v2.ScaleJitter(target_size=(size, size), scale_range=(min_scale, max_scale))
+    resize = _ScaleJitterResize(target_size=(size, size), scale_range=(min_scale, max_scale))
     canvas = v2.RandomCrop(size, pad_if_needed=True, fill=0)
     return Geometric(v2.Compose([resize, canvas]))
 
@@ -189,7 +217,7 @@ def _large_scale_jitter(
 
 def _resize(min_size: int | Sequence[int] = 800, max_size: int = 1333) -> SampleTransform:
     sizes = [min_size] if isinstance(min_size, int) else list(min_size)
-    return Geometric(v2.RandomShortestSize(sizes, max_size=max_size))
+    return Geometric(_ShortestSize(sizes, max_size=max_size))
 
 
 def _color_jitter(
