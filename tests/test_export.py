@@ -7,9 +7,12 @@ archive) for the whole module: exporting is the slow part.
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+from torch.export import ExportedProgram
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -35,6 +39,7 @@ from maskrcnn.export import (
     model_from_checkpoint,
 )
 from maskrcnn.export_model import ExportableMaskRCNN
+from maskrcnn.inference_cli import load_onnx_predictor
 from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.predictor import Predictor
 from tiny_run import tiny_config
@@ -57,7 +62,8 @@ class Exported:
 @pytest.fixture(scope="module")
 def exported(one_thread: None, tmp_path_factory: pytest.TempPathFactory) -> Exported:
     """A 40-iteration tiny run with a narrow FPN (a few seconds); its ONNX file written by
-    ``maskrcnn export`` and its .pt2 by ``export_torch``, from one ``torch.export``."""
+    ``maskrcnn export --score-thresh 0.3`` and its .pt2 by ``export_torch``, from one
+    ``torch.export``."""
     run = tmp_path_factory.mktemp("run")
     overrides = ("solver.max_iter=40", "model.fpn_channels=32", "run.num_overlays=0")
     Trainer(tiny_config(run, *overrides), show_progress=False).train()
@@ -67,7 +73,8 @@ def exported(one_thread: None, tmp_path_factory: pytest.TempPathFactory) -> Expo
     program = export_program(model)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(export_module, "export_program", lambda _model: program)
-        assert main(["export", str(checkpoint), "--out", str(out / "model.onnx")]) == 0
+        argv = ["export", str(checkpoint), "--out", str(out / "model.onnx")]
+        assert main([*argv, "--score-thresh", "0.3"]) == 0
     pt2 = export_torch(model, out / "model.pt2", names, label_map, program=program)
     return Exported(run, model.eval(), out / "model.onnx", pt2)
 
@@ -125,6 +132,52 @@ def test_onnx_equals_pytorch_at_new_sizes_and_with_zero_detections(exported: Exp
     assert all(c > 0 for c in counts[:-1]) and counts[-1] == 0
 
 
+def test_onnx_predicts_very_wide_and_tall_images(exported: Exported) -> None:
+    """Resized, their short side would be 0 pixels: the graph keeps it at 1, as the model."""
+    predictor = OnnxPredictor(exported.onnx, num_threads=1)
+    image = val_images(exported.run)[1]
+    for size in [(1, 300), (300, 2)]:
+        x = resized(image, size)
+        assert_same(exported.model.infer([x])[0], predictor.run(x), size)
+
+
+def test_predict_takes_the_score_thresh_of_the_onnx_file(exported: Exported) -> None:
+    def args(score_thresh: float | None) -> argparse.Namespace:
+        return argparse.Namespace(checkpoint=str(exported.onnx), score_thresh=score_thresh,
+                                  tta=False, fast=False)
+
+    default = load_onnx_predictor(args(None))  # `maskrcnn predict` without --score-thresh
+    assert default is not None and default.score_thresh == 0.3
+    given = load_onnx_predictor(args(0.1))
+    assert given is not None and given.score_thresh == 0.1
+
+
+def export_program_stub() -> ExportedProgram:
+    """A stand-in for an ExportedProgram, for a patched exporter that never reads it."""
+    return cast(ExportedProgram, object())
+
+
+def test_opsets_the_exporter_cannot_write_are_refused(
+    exported: Exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Asked for opset 17, torch's exporter wrote opset 18 and only printed a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "x.pth", "--out", str(tmp_path / "m.onnx"), "--opset", "17"])
+    assert exit_info.value.code == 2
+    assert "17 is too low: the exporter writes opset 18 or later" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="opset 17 is not supported"):
+        export_module.export_onnx(exported.model, tmp_path / "m.onnx", opset=17)
+    # An opset the exporter silently does not honour: checked before anything is written.
+    produced = SimpleNamespace(model=SimpleNamespace(opset_imports={"": 18}))
+    monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: produced)
+    path = tmp_path / "m.onnx"
+    program = export_program_stub()
+    with pytest.raises(ValueError, match="asked for opset 19 but the exporter produced opset 18"):
+        export_module.export_onnx(exported.model, path, opset=19, program=program)
+    assert not path.exists()
+
+
 def test_torch_export_round_trips(exported: Exported) -> None:
     module, metadata = load_torch_export(exported.pt2)
     assert metadata.class_names == ["__background__", "circle", "rectangle", "triangle"]
@@ -142,7 +195,7 @@ def test_onnx_metadata(exported: Exported) -> None:
     assert json.loads(props["class_names"]) == ["__background__", "circle", "rectangle",
                                                 "triangle"]
     assert json.loads(props["label_to_cat_id"]) == {"1": 1, "2": 2, "3": 3}
-    assert float(props["score_thresh"]) == 0.5
+    assert float(props["score_thresh"]) == 0.3
     assert float(props["box_score_thresh"]) == exported.model.cfg.box_score_thresh
     assert "(3, H, W)" in props["input"] and "[0, 1]" in props["input"]
     metadata = OnnxPredictor(exported.onnx).metadata
@@ -210,7 +263,7 @@ def test_export_graph_equals_the_eager_model_exactly(exported: Exported) -> None
     may differ in the last bit."""
     graph = ExportableMaskRCNN(exported.model).eval()
     image = val_images(exported.run)[1]
-    for size in [(64, 64), (37, 300), (400, 30), (20, 20)]:
+    for size in [(64, 64), (37, 300), (400, 30), (20, 20), (1, 300)]:
         x = resized(image, size)
         reference = exported.model.infer([x])[0]
         with torch.no_grad():

@@ -7,16 +7,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import Tensor
 
+from maskrcnn import predict_files
 from maskrcnn.cli import main
 from maskrcnn.data.coco import CocoDataset
 from maskrcnn.data.transforms import build_transforms
 from maskrcnn.engine.evaluation import evaluate
-from maskrcnn.inference_cli import find_images, overlay_names
-from maskrcnn.predictor import Predictor
+from maskrcnn.predict_files import find_images, overlay_names
+from maskrcnn.predictor import Prediction, Predictor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,6 +101,115 @@ def test_find_images_takes_files_folders_and_globs(folder: Path) -> None:
     assert len(recursive) == 3
     names = overlay_names([Path("x/a.png"), Path("y/a.png"), Path("y/b.jpg")])
     assert list(names.values()) == ["a_1.png", "a_2.png", "b.png"]
+
+
+def test_overlay_names_never_collide() -> None:
+    """a.jpg and a.png would both be numbered, a.jpg as a_1.png: a_1.png's own name."""
+    files = [Path("a.jpg"), Path("a.png"), Path("a_1.png")]
+    assert list(overlay_names(files).values()) == ["a_2.png", "a_3.png", "a_1.png"]
+    # Names that differ only in case are one file on macOS and Windows.
+    cased = overlay_names([Path("A.png"), Path("x/a.png"), Path("A_1.png")])
+    assert len({n.casefold() for n in cased.values()}) == 3
+
+
+@pytest.fixture()
+def odd_folder(run: Path, tmp_path: Path) -> Path:
+    """a.png, poison.png (40 x 50: the size the patched model fails on), strip.png (1 x 300:
+    its resized short side would be 0 pixels), z.png."""
+    png = sorted((run / "data" / "val").glob("*.png"))[0]
+    root = tmp_path / "odd"
+    root.mkdir()
+    shutil.copy(png, root / "a.png")
+    shutil.copy(png, root / "z.png")
+    Image.new("RGB", (50, 40), (90, 90, 90)).save(root / "poison.png")
+    strip = np.random.default_rng(0).integers(0, 256, (1, 300, 3), dtype=np.uint8)
+    Image.fromarray(strip).save(root / "strip.png")
+    return root
+
+
+def _fail_on_poison(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """Patches Predictor.predict_batch to raise ``error`` for a batch with a 40 x 50 image."""
+    original = Predictor.predict_batch
+
+    def predict_batch(self: Predictor, images: list[Tensor], return_probs: bool = False
+                      ) -> list[Prediction]:
+        if any(tuple(im.shape) == (3, 40, 50) for im in images):
+            raise error
+        return original(self, images, return_probs)
+
+    monkeypatch.setattr(Predictor, "predict_batch", predict_batch)
+
+
+def test_a_failing_batch_is_retried_image_by_image(
+    run: Path, odd_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _fail_on_poison(monkeypatch, RuntimeError("boom"))
+
+    def save_overlay(picture: Image.Image, path: Path) -> Path:
+        if path.name == "z.png":
+            raise OSError("disk full")
+        return original_save(picture, path)
+
+    original_save = predict_files.save_overlay
+    monkeypatch.setattr(predict_files, "save_overlay", save_overlay)
+    out = tmp_path / "out"
+    argv = ["predict", str(run / "last.pth"), str(odd_folder), "--out", str(out), "--overlays",
+            "--batch-size", "2", "--score-thresh", "0.0"]
+    assert main(argv) == 0
+    data = json.loads((out / "predictions.json").read_text())
+    sizes = {Path(im["file_name"]).name: (im["height"], im["width"]) for im in data["images"]}
+    assert sizes == {"a.png": (64, 64), "strip.png": (1, 300)}
+    # a.png, in the batch that failed, was predicted on its own.
+    skipped = {Path(s["file_name"]).name: s["reason"] for s in data["skipped"]}
+    assert skipped == {"poison.png": "prediction failed (RuntimeError: boom)",
+                       "z.png": "writing its results failed (OSError: disk full)"}
+    assert {a["image_id"] for a in data["annotations"]} <= {1, 3}  # none of z.png's
+    err = capsys.readouterr().err
+    assert "poison.png" in err and "z.png" in err
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["a.png", "strip.png"]
+
+
+def test_results_so_far_are_written_when_the_run_stops(
+    run: Path, odd_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fail_on_poison(monkeypatch, KeyboardInterrupt())
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        main(["predict", str(run / "last.pth"), str(odd_folder), "--out", str(out)])
+    data = json.loads((out / "predictions.json").read_text())
+    assert [Path(im["file_name"]).name for im in data["images"]] == ["a.png"]
+    skipped = {Path(s["file_name"]).name: s["reason"] for s in data["skipped"]}
+    assert set(skipped) == {"poison.png", "strip.png", "z.png"}
+    assert skipped["z.png"] == "not predicted: the run stopped early (KeyboardInterrupt)"
+    assert [p.name for p in out.iterdir()] == ["predictions.json"]  # no temporary file
+
+
+def test_out_must_be_a_folder_and_old_results_are_announced(
+    run: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt, image = str(run / "last.pth"), str(folder / "a.png")
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("x")
+    assert main(["predict", ckpt, image, "--out", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out ") and "results.txt is a file" in err
+    assert "Traceback" not in err
+    out = tmp_path / "out"
+    assert main(["predict", ckpt, image, "--out", str(out), "--overlays"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["predict", ckpt, str(folder / "c.png"), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {out / 'overlays'} already holds 1 file of an earlier run" in err
+
+
+def test_score_thresh_defaults_to_none_so_onnx_metadata_can_apply(tmp_path: Path) -> None:
+    """None: the ONNX file's own score_thresh (tested in test_export.py), else 0.5 (the
+    Predictor's default, which test_predict_results_equal_the_predictor relies on)."""
+    from maskrcnn.cli import build_parser
+
+    args = build_parser().parse_args(["predict", "m.onnx", "x.png", "--out", str(tmp_path)])
+    assert args.score_thresh is None
 
 
 def _self_labelled(run: Path, out: Path) -> Path:

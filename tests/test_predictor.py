@@ -13,8 +13,10 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from maskrcnn.data.errors import DatasetError
 from maskrcnn.data.image_io import read_image
-from maskrcnn.engine.checkpoint import CheckpointError, save_checkpoint
+from maskrcnn.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from maskrcnn.export_metadata import make_metadata
 from maskrcnn.predictor import ImageInput, Prediction, Predictor, to_float_image
+from maskrcnn.tta import TTAConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,6 +76,19 @@ def test_grey_and_rgba_arrays_become_rgb() -> None:
     rgba = np.zeros((3, 4, 4), dtype=np.uint8)
     rgba[..., 1] = 255
     assert to_float_image(rgba)[1].min() == 1.0 and to_float_image(rgba).shape[0] == 3
+    grey_tensor = torch.from_numpy(grey)[None]  # (1, H, W): as the (H, W) array
+    assert torch.equal(to_float_image(grey_tensor), out)
+
+
+def test_16_bit_grey_pil_image_keeps_its_top_8_bits_as_a_path_does(tmp_path: Path) -> None:
+    values = np.array([[0, 0x8000, 0x80FF, 0xFFFF]], dtype=np.uint16).repeat(2, axis=0)
+    Image.fromarray(values).save(tmp_path / "grey16.png")
+    pil = Image.open(tmp_path / "grey16.png")
+    assert pil.mode.startswith("I")
+    from_pil = to_float_image(pil)
+    assert torch.equal(from_pil, to_float_image(tmp_path / "grey16.png"))
+    # PIL's convert("RGB") would clip every value above 255 to white.
+    assert from_pil[0, 0].tolist() == pytest.approx([0.0, 128 / 255, 128 / 255, 1.0])
 
 
 def test_a_list_is_batched_and_matches_single_images(run: Path, predictor: Predictor) -> None:
@@ -104,6 +119,36 @@ def test_thresholds_limits_and_output_fields(run: Path) -> None:
     assert len(above) == int((full.scores >= cut).sum()) and (above.scores >= cut).all()
     p.score_thresh, p.max_detections = 0.0, 2
     assert torch.equal(_single(p(path)).scores, full.scores[:2])
+
+
+@pytest.mark.parametrize("shape", [(1, 300), (300, 2), (3, 3000)])
+def test_very_wide_or_tall_images_predict_at_their_own_size(
+    predictor: Predictor, shape: tuple[int, int]
+) -> None:
+    """Their short side, resized, would be 0 pixels (aspect ratio above max / min size)."""
+    image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    tta = TTAConfig(hflip=True, vflip=True, scales=(0.5, 1.0))
+    for p in (predictor, Predictor(predictor.model, score_thresh=0.0, tta=tta)):
+        pred = _single(p(image))
+        assert pred.image_size == shape and pred.masks.shape == (len(pred), *shape)
+        limits = torch.tensor([shape[1], shape[0]] * 2, dtype=torch.float32)
+        assert bool(((pred.boxes >= 0) & (pred.boxes <= limits)).all())
+
+
+def test_mask_threshold_defaults_to_the_model_config_as_in_the_export(
+    run: Path, tmp_path: Path
+) -> None:
+    state = load_checkpoint(run / "last.pth")
+    state["config"]["model"]["mask_threshold"] = 0.3
+    save_checkpoint(state, tmp_path / "mt03.pth")
+    p = Predictor.from_checkpoint(tmp_path / "mt03.pth", score_thresh=0.0)
+    assert p.mask_threshold == 0.3 == make_metadata(p.model, None, None, 0.5).mask_threshold
+    pred = _single(p(_images(run)[0], return_probs=True))
+    assert pred.mask_probs is not None
+    between = (pred.mask_probs > 0.3) & (pred.mask_probs <= 0.5)
+    assert bool(between.any())  # pixels that a hard-coded 0.5 would leave out
+    assert torch.equal(pred.masks, pred.mask_probs > 0.3)
+    assert Predictor(p.model, mask_threshold=0.6).mask_threshold == 0.6
 
 
 def test_optimize_switches_to_the_fast_path(run: Path, predictor: Predictor) -> None:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from maskrcnn.visualize import ALPHA, draw_instances, instance_colors, side_by_side
+from maskrcnn.predictor import ImageInput
+from maskrcnn.visualize import (
+    ALPHA,
+    draw_instances,
+    instance_colors,
+    save_overlay,
+    side_by_side,
+)
 
 GREY = 100
 
@@ -58,6 +67,39 @@ def test_masks_as_bool_and_probabilities_below_threshold() -> None:
     assert np.array_equal(np.asarray(as_bool), np.asarray(as_probs))
     faint = draw_instances(image, boxes, labels, None, masks * 0.5)  # all below 0.5
     assert np.asarray(faint)[30, 20].tolist() == [GREY] * 3
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.full((80, 100), GREY, dtype=np.uint8),
+        np.full((80, 100, 3), GREY / 255, dtype=np.float32),
+        np.full((80, 100, 4), GREY, dtype=np.uint8),
+        torch.full((1, 80, 100), GREY, dtype=torch.uint8),
+        torch.full((1, 80, 100), GREY / 255),
+        Image.new("L", (100, 80), GREY),
+    ],
+    ids=["grey array", "float array", "rgba array", "grey tensor", "grey float tensor", "pil L"],
+)
+def test_every_image_form_gives_the_overlay_of_the_rgb_picture(image: ImageInput) -> None:
+    """The forms the Predictor takes: grey (H, W) arrays keep their shape, float arrays in
+    [0, 1] their brightness, (1, H, W) tensors work with masks."""
+    masks, boxes, labels = _two_instances()
+    reference = draw_instances(np.full((80, 100, 3), GREY, np.uint8), boxes, labels, None, masks)
+    out = draw_instances(image, boxes, labels, None, masks)
+    assert out.size == (100, 80) and out.mode == "RGB"
+    assert np.array_equal(np.asarray(out), np.asarray(reference))
+    assert np.asarray(out)[2, 98].tolist() == [GREY] * 3
+
+
+def test_save_overlay_replaces_the_file_whole(tmp_path: Path) -> None:
+    path = tmp_path / "o" / "a.png"
+    save_overlay(Image.new("RGB", (4, 3), (255, 0, 0)), path)
+    save_overlay(Image.new("RGB", (5, 2), (0, 0, 255)), path)
+    assert Image.open(path).size == (5, 2) and Image.open(path).getpixel((0, 0)) == (0, 0, 255)
+    assert [f.name for f in path.parent.iterdir()] == ["a.png"]  # no temporary file left
+    with pytest.raises(ValueError, match=r"a\.xyz: unknown image extension"):
+        save_overlay(Image.new("RGB", (4, 3)), tmp_path / "a.xyz")
 
 
 @pytest.mark.parametrize("background", [0, 255], ids=["black", "white"])

@@ -48,6 +48,10 @@ __all__ = [
 ]
 
 DEFAULT_OPSET = 18
+# The lowest opset the graph can be written in: the NMS translation is onnxscript opset-18
+# code and torch's exporter writes opset 18 natively; asked for less, its down-conversion
+# fails (no adapter for Pad) and it quietly keeps opset 18.
+MIN_OPSET = 18
 METADATA_FILE = "maskrcnn_metadata.json"  # the extra file of a torch.export archive
 INPUT_NAMES = ["image"]
 OUTPUT_NAMES = ["boxes", "labels", "scores", "masks"]
@@ -139,9 +143,14 @@ def export_onnx(
 ) -> Path:
     """Write ``model`` as an ONNX file (torch's dynamo exporter, ``onnxscript`` needed) with
     input ``image`` (3, H, W), outputs ``boxes``, ``labels``, ``scores``, ``masks`` and the
-    metadata in ``metadata_props``; ``program``: a ready ``export_program(model)``."""
+    metadata in ``metadata_props``; ``program``: a ready ``export_program(model)``.
+
+    Raises ValueError, before writing anything, for an ``opset`` under ``MIN_OPSET`` or one
+    the exporter did not produce."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is not supported: the export needs opset {MIN_OPSET} "
+                         "or later")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     program = program if program is not None else export_program(model)
     with quiet_exporters():
         onnx_program = torch.onnx.export(
@@ -154,6 +163,11 @@ def export_onnx(
             custom_translation_table={torch.ops.maskrcnn.nms_first.default: _nms_first_onnx},
         )
     assert onnx_program is not None
+    written = onnx_program.model.opset_imports.get("")
+    if written != opset:
+        raise ValueError(f"{path}: asked for opset {opset} but the exporter produced opset "
+                         f"{written}; nothing was written (opset {DEFAULT_OPSET} is supported)")
+    path.parent.mkdir(parents=True, exist_ok=True)
     props = make_metadata(model, class_names, label_to_cat_id, score_thresh).onnx_props()
     onnx_program.model.metadata_props.update(props)
     onnx_program.save(path)

@@ -32,6 +32,9 @@ def _run_export(args: argparse.Namespace) -> int:
         print(f"error: {err}; install the export extra: pip install 'maskrcnn[export]'",
               file=sys.stderr)
         return 1
+    except ValueError as err:  # e.g. the exporter did not produce the opset asked for
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     seconds = time.perf_counter() - start
     size_mb = path.stat().st_size / 2**20
     print(f"wrote {path} ({args.format}, {size_mb:.1f} MiB) in {seconds:.0f} s")
@@ -39,6 +42,22 @@ def _run_export(args: argparse.Namespace) -> int:
     print("input: image float32 (3, H, W) in [0, 1], any size; outputs: boxes, labels, scores, "
           "masks (probabilities at the input size); see docs/deployment.md")
     return 0
+
+
+def _opset(text: str) -> int:
+    """An --opset value: an int of at least ``MIN_OPSET`` (what the exporter can write)."""
+    from maskrcnn.export import MIN_OPSET
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < MIN_OPSET:
+        raise argparse.ArgumentTypeError(
+            f"{value} is too low: the exporter writes opset {MIN_OPSET} or later (the NMS "
+            f"is opset-{MIN_OPSET} code)"
+        )
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,7 +73,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--format", choices=FORMATS, default="onnx",
                    help="onnx (run with onnxruntime) or torch-export (.pt2); default onnx")
     p.add_argument("--out", required=True, type=Path, metavar="FILE", help="output file")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--opset", type=_opset, default=18, metavar="N",
+                   help="ONNX opset, 18 or later (default 18, what torch's exporter writes "
+                   "natively); the export fails if the file would have another")
     p.add_argument("--score-thresh", type=float, default=0.5, metavar="T",
                    help="score threshold suggested in the metadata (default 0.5); the "
                    "model's own box_score_thresh applies inside the graph")

@@ -41,7 +41,8 @@ def as_float(value: int, like: Tensor) -> Tensor:
 
 def resized_size(image: Tensor, min_size: float, max_size: float) -> tuple[int, int]:
     """(h, w) of ``image`` (3, H, W) resized as ``Preprocessor`` does: floor(side * scale),
-    scale = min(min_size / short side, max_size / long side), in float64 like Python.
+    at least 1, scale = min(min_size / short side, max_size / long side), in float64 like
+    Python (the clamp keeps the short side of a very wide or tall image from becoming 0).
 
     The sizes are read out of tensors on purpose: under ``torch.export`` they become fresh
     symbols, whose zero/one checks are size-oblivious, rather than long expressions in H and
@@ -51,7 +52,7 @@ def resized_size(image: Tensor, min_size: float, max_size: float) -> tuple[int, 
         [torch.full((), n, dtype=torch.float64, device=image.device) for n in image.shape[1:]]
     )
     scale = torch.minimum(min_size / size.min(), max_size / size.max())
-    rh, rw = (size * scale).floor().to(torch.int64).unbind()
+    rh, rw = (size * scale).floor().to(torch.int64).clamp(min=1).unbind()
     # Typed int: under torch.export they are symbolic ints (never int(...): that specialises).
     h, w = cast(int, rh.item()), cast(int, rw.item())
     torch._check(h >= 1)

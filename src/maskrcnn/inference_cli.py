@@ -4,70 +4,32 @@ from __future__ import annotations
 
 import argparse
 import copy
-import glob
-import json
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from torch import Tensor
 from tqdm import tqdm
 
 from maskrcnn.data.coco import CocoDataset
 from maskrcnn.data.errors import DatasetError
-from maskrcnn.data.image_io import read_image
 from maskrcnn.engine.checkpoint import CheckpointError
 from maskrcnn.engine.evaluator import CocoEvaluator
 from maskrcnn.engine.summary import KEYS, format_metrics
 from maskrcnn.onnx_predictor import OnnxPredictor
-from maskrcnn.predictor import Prediction, Predictor, to_float_image
-from maskrcnn.tta import TTAConfig
-from maskrcnn.visualize import draw_instances, save_overlay
-
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+from maskrcnn.predict_files import (
+    PredictionWriter,
+    find_images,
+    not_reached,
+    overlay_names,
+    predict_summary,
+    prepare_out,
+    read_batches,
 )
-
-
-class Skipped(NamedTuple):
-    """An input that gave no prediction, and why."""
-
-    file_name: str
-    reason: str
-
-
-def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[Skipped]]:
-    """Files named, image files under folders (recursively) and files matching glob patterns
-    (``**`` allowed): sorted, without duplicates; and the inputs that matched nothing."""
-    found: set[Path] = set()
-    unmatched = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found.update(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-            )
-        elif path.is_file():
-            found.add(path)
-        else:
-            matches = [Path(m) for m in glob.glob(item, recursive=True)]
-            files = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_EXTENSIONS]
-            if not files:
-                unmatched.append(Skipped(item, "no such file or folder, and no image matches it"))
-            found.update(files)
-    return sorted(found), unmatched
-
-
-def overlay_names(files: Sequence[Path]) -> dict[Path, str]:
-    """``<stem>.png`` per file; ``<stem>_<image id>.png`` where stems repeat."""
-    counts = Counter(p.stem for p in files)
-    return {
-        p: f"{p.stem}.png" if counts[p.stem] == 1 else f"{p.stem}_{k}.png"
-        for k, p in enumerate(files, start=1)
-    }
+from maskrcnn.predictor import Predictor, to_float_image
+from maskrcnn.tta import TTAConfig
 
 
 def tta_from_args(args: argparse.Namespace) -> TTAConfig | None:
@@ -108,60 +70,11 @@ def load_onnx_predictor(args: argparse.Namespace) -> OnnxPredictor | None:
                   file=sys.stderr)
             return None
     try:
+        # None: the score threshold stored in the file by `maskrcnn export --score-thresh`.
         return OnnxPredictor(args.checkpoint, score_thresh=args.score_thresh)
     except (ImportError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return None
-
-
-class PredictionWriter:
-    """Collects the COCO results of ``maskrcnn predict`` and writes overlays as it goes."""
-
-    def __init__(
-        self, predictor: Predictor | OnnxPredictor, out: Path, overlays: dict[Path, str] | None
-    ) -> None:
-        self.predictor = predictor
-        self.out = out
-        self.overlays = overlays
-        self.images: list[dict[str, Any]] = []
-        self.annotations: list[dict[str, Any]] = []
-        self.seconds = 0.0
-
-    def run(self, batch: list[tuple[int, Path, Tensor]]) -> None:
-        """Predicts a batch of (image id, path, (3, H, W) uint8 image) and records it."""
-        start = time.perf_counter()
-        predictions = self.predictor.predict_batch([to_float_image(b[2]) for b in batch])
-        self.seconds += time.perf_counter() - start
-        for (image_id, path, image), pred in zip(batch, predictions, strict=True):
-            height, width = pred.image_size
-            self.images.append(
-                {"id": image_id, "file_name": str(path), "height": height, "width": width}
-            )
-            for result in pred.to_coco(image_id, self.predictor.label_to_cat_id):
-                self.annotations.append({"id": len(self.annotations) + 1, **result})
-            if self.overlays is not None:
-                self.save_overlay(image, pred, self.out / "overlays" / self.overlays[path])
-
-    def save_overlay(self, image: Tensor, pred: Prediction, path: Path) -> None:
-        names = self.predictor.class_names
-        picture = draw_instances(image, pred.boxes, pred.labels, pred.scores, pred.masks, names)
-        save_overlay(picture, path)
-
-    def categories(self) -> list[dict[str, Any]]:
-        names = self.predictor.class_names or []
-        mapping = self.predictor.label_to_cat_id or {k: k for k in range(1, len(names))}
-        return [{"id": cat, "name": self.predictor.name(label)} for label, cat in mapping.items()]
-
-    def write(self, skipped: list[Skipped]) -> Path:
-        path = self.out / "predictions.json"
-        data = {
-            "images": self.images,
-            "categories": self.categories(),
-            "annotations": self.annotations,
-            "skipped": [s._asdict() for s in skipped],
-        }
-        path.write_text(json.dumps(data))
-        return path
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -169,43 +82,31 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.backend == "onnxruntime":
         predictor = load_onnx_predictor(args)
     else:
-        predictor = load_predictor(args, args.score_thresh, optimize=fast_from_args(args))
+        score_thresh = 0.5 if args.score_thresh is None else args.score_thresh
+        predictor = load_predictor(args, score_thresh, optimize=fast_from_args(args))
     if predictor is None:
         return 1
+    out = Path(args.out)
+    problem = prepare_out(out)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     files, skipped = find_images(args.inputs)
     for s in skipped:
         print(f"skipped {s.file_name}: {s.reason}", file=sys.stderr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     writer = PredictionWriter(predictor, out, overlay_names(files) if args.overlays else None)
-    batch: list[tuple[int, Path, Tensor]] = []
-    for image_id, path in enumerate(tqdm(files, desc="predict", unit="img"), start=1):
-        try:
-            batch.append((image_id, path, read_image(path)))
-        except DatasetError as err:
-            skipped.append(Skipped(str(path), str(err)))
-            tqdm.write(f"skipped {err}", file=sys.stderr)
-        if len(batch) == args.batch_size:
-            writer.run(batch)
-            batch = []
-    if batch:
-        writer.run(batch)
-    print(predict_summary(writer, skipped, writer.write(skipped)))
+    # predictions.json is written however the loop ends (Ctrl-C included): the results of
+    # the images done so far are never lost.
+    try:
+        for batch in read_batches(files, args.batch_size, skipped):
+            writer.run(batch, skipped)
+    except BaseException as err:
+        skipped += not_reached(files, writer, skipped, err)
+        raise
+    finally:
+        json_path = writer.write(skipped)
+    print(predict_summary(writer, skipped, json_path))
     return 0 if writer.images else 1
-
-
-def predict_summary(writer: PredictionWriter, skipped: list[Skipped], json_path: Path) -> str:
-    done = len(writer.images)
-    per_image = writer.seconds / done if done else 0.0
-    lines = [
-        f"predicted {done} images, skipped {len(skipped)}, "
-        f"{len(writer.annotations)} detections, {per_image:.3f} s per image",
-        *(f"  skipped {s.file_name}: {s.reason}" for s in skipped),
-        f"results: {json_path}",
-    ]
-    if writer.overlays is not None and done:
-        lines.append(f"overlays: {writer.out / 'overlays'}")
-    return "\n".join(lines)
 
 
 def _dataset_batches(
@@ -342,14 +243,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = subparsers.add_parser(
         "predict", help="predict instances on images, folders or globs",
         description="Write OUT/predictions.json (COCO results with RLE masks, plus the "
-        "images they belong to) and, with --overlays, OUT/overlays/*.png. Unreadable images "
-        "are reported and skipped; exit code 1 when no image could be predicted.",
+        "images they belong to) and, with --overlays, OUT/overlays/*.png. Images that cannot "
+        "be read or predicted are reported and skipped (listed in the JSON); exit code 1 "
+        "when no image could be predicted, 2 when OUT cannot be used.",
     )
     _add_common(p)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--score-thresh", type=float, default=0.5, metavar="T",
-                   help="keep detections scoring at least T (default 0.5)")
+    p.add_argument("--score-thresh", type=float, default=None, metavar="T",
+                   help="keep detections scoring at least T (default: with --backend "
+                   "onnxruntime the score_thresh stored in the file by `maskrcnn export`, "
+                   "else 0.5)")
     p.add_argument("--overlays", action="store_true", help="write an overlay PNG per image")
     p.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
                    help="onnxruntime: CKPT is an ONNX file written by `maskrcnn export` "

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 
 from maskrcnn.config import ModelConfig, from_dict
-from maskrcnn.data.image_io import read_image
+from maskrcnn.data.image_io import read_image, to_rgb
 from maskrcnn.engine.checkpoint import CheckpointError, load_checkpoint
 from maskrcnn.engine.coco_results import prediction_to_coco
 from maskrcnn.model.mask_rcnn import MaskRCNN
@@ -32,12 +32,14 @@ ImageInput: TypeAlias = str | Path | Image.Image | np.ndarray | Tensor
 
 def to_float_image(image: ImageInput) -> Tensor:
     """A path, PIL image, (H, W[, C]) numpy array (uint8, or float in [0, 1]) or (3, H, W)
-    tensor (uint8, or float in [0, 1]) → (3, H, W) float32 in [0, 1], on the CPU unless the
-    tensor given was elsewhere. Grey images become RGB; an alpha channel is dropped."""
+    or (1, H, W) tensor (uint8, or float in [0, 1]) → (3, H, W) float32 in [0, 1], on the CPU
+    unless the tensor given was elsewhere. Grey images become RGB; an alpha channel is
+    dropped; 16-bit grey keeps its top 8 bits, whether given as a path or a PIL image."""
     if isinstance(image, (str, Path)):
         return read_image(image).float() / 255
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        # The conversion of read_image: PIL's own convert("RGB") saturates 16-bit grey.
+        image = np.asarray(to_rgb(image))
     if isinstance(image, np.ndarray):
         array = image[..., None] if image.ndim == 2 else image
         if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
@@ -47,12 +49,12 @@ def to_float_image(image: ImageInput) -> Tensor:
         return _tensor_to_float(tensor.expand(3, -1, -1), "numpy array")
     if isinstance(image, Tensor):
         tensor = image.as_subclass(Tensor)
-        if tensor.ndim != 3 or tensor.shape[0] != 3:
+        if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
             raise ValueError(
-                f"tensor images must be (3, H, W), got {tuple(tensor.shape)}; "
-                "pass a 4-D batch as a list of images"
+                f"tensor images must be (3, H, W) or grey (1, H, W), got "
+                f"{tuple(tensor.shape)}; pass a 4-D batch as a list of images"
             )
-        return _tensor_to_float(tensor, "tensor")
+        return _tensor_to_float(tensor.expand(3, -1, -1), "tensor")
     raise TypeError(
         f"unsupported image type {type(image).__name__}: use a path, PIL image, "
         "numpy HWC array or (3, H, W) tensor"
@@ -133,11 +135,13 @@ class Predictor:
     The model is moved to ``device`` (None: CUDA when available, else CPU) and put in eval
     mode. Detections scoring below ``score_thresh`` are dropped (the model's own
     ``box_score_thresh`` applies first), at most ``max_detections`` are kept per image, and
-    masks are binarised at ``mask_threshold``. ``tta``: a :class:`TTAConfig` to predict with
-    test-time augmentation, or None. ``class_names[label]`` names a label (index 0 is the
-    background); ``label_to_cat_id`` maps labels to COCO category ids. ``optimize``: None
-    runs the model as it is (torchvision's arithmetic); a precision (``auto``, ``fp32``,
-    ``bf16``, ``fp16``) switches it, in place, to the fast inference path of
+    masks are binarised at ``mask_threshold`` (None: the model config's ``mask_threshold``,
+    which an ONNX export of the model stores in its metadata too). ``tta``: a
+    :class:`TTAConfig` to predict with test-time augmentation, or None.
+    ``class_names[label]`` names a label (index 0 is the background); ``label_to_cat_id``
+    maps labels to COCO category ids. ``optimize``: None runs the model as it is
+    (torchvision's arithmetic); a precision (``auto``, ``fp32``, ``bf16``, ``fp16``)
+    switches it, in place, to the fast inference path of
     :meth:`MaskRCNN.optimize_for_inference`.
     """
 
@@ -149,7 +153,7 @@ class Predictor:
         device: str | torch.device | None = None,
         score_thresh: float = 0.5,
         max_detections: int = 100,
-        mask_threshold: float = 0.5,
+        mask_threshold: float | None = None,
         tta: TTAConfig | None = None,
         optimize: str | None = None,
     ) -> None:
@@ -161,7 +165,7 @@ class Predictor:
         self.label_to_cat_id = dict(label_to_cat_id) if label_to_cat_id is not None else None
         self.score_thresh = score_thresh
         self.max_detections = max_detections
-        self.mask_threshold = mask_threshold
+        self.mask_threshold = model.cfg.mask_threshold if mask_threshold is None else mask_threshold
         self.tta = tta
 
     @classmethod
@@ -171,7 +175,7 @@ class Predictor:
         device: str | torch.device | None = None,
         score_thresh: float = 0.5,
         max_detections: int = 100,
-        mask_threshold: float = 0.5,
+        mask_threshold: float | None = None,
         tta: TTAConfig | None = None,
         optimize: str | None = None,
     ) -> Predictor:

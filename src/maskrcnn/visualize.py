@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import colorsys
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+
+from maskrcnn.predictor import ImageInput, to_float_image
 
 ALPHA = 0.45
 
@@ -46,16 +50,12 @@ def text_color(color: tuple[int, int, int]) -> tuple[int, int, int]:
     return (255, 255, 255)
 
 
-def to_uint8_hwc(image: Tensor | np.ndarray | Image.Image) -> np.ndarray:
-    """(3, H, W) float in [0, 1] or uint8 tensor, HWC array or PIL image → (H, W, 3) uint8."""
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB")).copy()
-    if isinstance(image, Tensor):
-        t = image.detach().cpu()
-        if t.is_floating_point():
-            t = (t.clamp(0, 1) * 255).round().to(torch.uint8)
-        return t.permute(1, 2, 0).numpy().copy()
-    return np.ascontiguousarray(image[..., :3]).astype(np.uint8)
+def to_uint8_hwc(image: ImageInput) -> np.ndarray:
+    """Any image :func:`~maskrcnn.predictor.to_float_image` takes (path, PIL image, grey,
+    RGB or RGBA numpy array, (3, H, W) or (1, H, W) tensor; uint8 or float in [0, 1])
+    → (H, W, 3) uint8, the same picture the predictor sees."""
+    floats = to_float_image(image.detach() if isinstance(image, Tensor) else image)
+    return (floats.cpu() * 255).round().to(torch.uint8).permute(1, 2, 0).numpy().copy()
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -69,7 +69,7 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
 
 def draw_instances(
-    image: Tensor | np.ndarray | Image.Image,
+    image: ImageInput,
     boxes: Tensor | None = None,
     labels: Tensor | None = None,
     scores: Tensor | None = None,
@@ -78,12 +78,13 @@ def draw_instances(
     mask_threshold: float = 0.5,
     min_side: int = 0,
 ) -> Image.Image:
-    """Overlay of instances on ``image``. boxes: (N, 4) xyxy pixels; labels: (N,);
-    scores: (N,) or None (ground truth); masks: (N, 1, H, W) or (N, H, W), probabilities or
-    binary. Each instance's mask is tinted in its colour and outlined; its box is drawn and
-    labelled with the class name and score on a dark plate, readable on any background.
-    An image whose short side is under ``min_side`` is enlarged by a whole factor first, so
-    that captions of small images stay readable."""
+    """Overlay of instances on ``image`` (any form :func:`to_uint8_hwc` takes). boxes:
+    (N, 4) xyxy pixels; labels: (N,); scores: (N,) or None (ground truth); masks:
+    (N, 1, H, W) or (N, H, W), probabilities or binary. Each instance's mask is tinted in its
+    colour and outlined; its box is drawn and labelled with the class name and score on a
+    dark plate, readable on any background. An image whose short side is under
+    ``min_side`` is enlarged by a whole factor first, so that captions of small images stay
+    readable."""
     canvas = to_uint8_hwc(image).astype(np.float32)
     n = 0 if boxes is None else int(boxes.shape[0])
     colors = instance_colors(n)
@@ -148,7 +149,19 @@ def side_by_side(
 
 
 def save_overlay(image: Image.Image, path: str | Path) -> Path:
+    """Write ``image`` to ``path`` (format from its extension) atomically: a temporary file
+    in the same folder renamed over ``path``, so a crash never leaves half a picture."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise ValueError(f"{path}: unknown image extension {path.suffix!r}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=image_format)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path

@@ -18,26 +18,29 @@ def resize_scale(height: int, width: int, min_size: float, max_size: float) -> f
     return min(min_size / min(height, width), max_size / max(height, width))
 
 
+def resized_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """(h, w) of an image of ``height`` x ``width`` resized by ``scale``: floor(side * scale),
+    as ``F.interpolate(recompute_scale_factor=True)`` computes it, but at least 1.
+
+    The floor alone gives 0 for the short side of an image whose aspect ratio exceeds
+    max_size / min_size (a 1 x 300 strip at min = max = 96), which interpolate refuses."""
+    return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
+
+
 def resize_image(image: Tensor, scale: float) -> Tensor:
-    """Bilinear resize of (3, H, W) by ``scale``; output size floor(H * scale) as in
-    ``F.interpolate(recompute_scale_factor=True)``."""
-    return F.interpolate(
-        image[None],
-        scale_factor=scale,
-        mode="bilinear",
-        recompute_scale_factor=True,
-        align_corners=False,
-    )[0]
+    """Bilinear resize of (3, H, W) by ``scale`` to :func:`resized_size`. Interpolating to an
+    explicit size samples as ``recompute_scale_factor=True`` does (input / output size)."""
+    size = resized_size(int(image.shape[-2]), int(image.shape[-1]), scale)
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 def resize_masks(masks: Tensor, scale: float) -> Tensor:
-    """Nearest-neighbour resize of (N, H, W) uint8 masks by ``scale``."""
+    """Nearest-neighbour resize of (N, H, W) uint8 masks by ``scale`` to
+    :func:`resized_size`, the size of the image resized with them."""
+    size = resized_size(int(masks.shape[-2]), int(masks.shape[-1]), scale)
     if masks.shape[0] == 0:
-        h, w = masks.shape[-2:]
-        return masks.new_zeros((0, math.floor(h * scale), math.floor(w * scale)))
-    return F.interpolate(masks[:, None].float(), scale_factor=scale, recompute_scale_factor=True)[
-        :, 0
-    ].byte()
+        return masks.new_zeros((0, *size))
+    return F.interpolate(masks[:, None].float(), size=size)[:, 0].byte()
 
 
 def scale_boxes(boxes: Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> Tensor:

@@ -1,0 +1,232 @@
+"""Predicting image files for ``maskrcnn predict``: finding the images, reading them in
+batches, recording COCO results and skipped files, writing predictions.json and overlays."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from torch import Tensor
+from tqdm import tqdm
+
+from maskrcnn.data.errors import DatasetError
+from maskrcnn.data.image_io import read_image
+from maskrcnn.onnx_predictor import OnnxPredictor
+from maskrcnn.predictor import Prediction, Predictor, to_float_image
+from maskrcnn.visualize import draw_instances, save_overlay
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+
+
+class Skipped(NamedTuple):
+    """An input that gave no prediction, and why."""
+
+    file_name: str
+    reason: str
+
+
+def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[Skipped]]:
+    """Files named, image files under folders (recursively) and files matching glob patterns
+    (``**`` allowed): sorted, without duplicates; and the inputs that matched nothing."""
+    found: set[Path] = set()
+    unmatched = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found.update(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+        elif path.is_file():
+            found.add(path)
+        else:
+            matches = [Path(m) for m in glob.glob(item, recursive=True)]
+            files = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_EXTENSIONS]
+            if not files:
+                unmatched.append(Skipped(item, "no such file or folder, and no image matches it"))
+            found.update(files)
+    return sorted(found), unmatched
+
+
+def overlay_names(files: Sequence[Path]) -> dict[Path, str]:
+    """A distinct overlay name per file: ``<stem>.png``, or ``<stem>_<image id>.png`` where
+    stems repeat, the number raised until the name is free (``a.jpg``, ``a.png`` and
+    ``a_1.png`` would otherwise share ``a_1.png``). Names differing only in case count as
+    the same: they are on case-insensitive file systems."""
+    counts = Counter(p.stem.casefold() for p in files)
+    names = {p: f"{p.stem}.png" for p in files if counts[p.stem.casefold()] == 1}
+    used = {name.casefold() for name in names.values()}
+    for image_id, p in enumerate(files, start=1):
+        if p in names:
+            continue
+        number = image_id
+        while f"{p.stem}_{number}.png".casefold() in used:
+            number += 1
+        names[p] = f"{p.stem}_{number}.png"
+        used.add(names[p].casefold())
+    return {p: names[p] for p in files}
+
+
+class PredictionWriter:
+    """Collects the COCO results of ``maskrcnn predict`` and writes overlays as it goes."""
+
+    def __init__(
+        self, predictor: Predictor | OnnxPredictor, out: Path, overlays: dict[Path, str] | None
+    ) -> None:
+        self.predictor = predictor
+        self.out = out
+        self.overlays = overlays
+        self.images: list[dict[str, Any]] = []
+        self.annotations: list[dict[str, Any]] = []
+        self.seconds = 0.0
+
+    def run(self, batch: list[tuple[int, Path, Tensor]], skipped: list[Skipped]) -> None:
+        """Predicts a batch of (image id, path, (3, H, W) uint8 image) and records it. A batch
+        that fails is retried image by image; an image that fails on its own goes to
+        ``skipped`` with the reason, and the run goes on."""
+        start = time.perf_counter()
+        try:
+            predictions = self.predictor.predict_batch([to_float_image(b[2]) for b in batch])
+        except Exception as err:
+            # One odd image, or a batch too big for the memory, must not cost the others
+            # their results.
+            if len(batch) > 1:
+                for item in batch:
+                    self.run([item], skipped)
+            else:
+                skip(skipped, batch[0][1], f"prediction failed ({type(err).__name__}: {err})")
+            return
+        self.seconds += time.perf_counter() - start
+        for item, pred in zip(batch, predictions, strict=True):
+            try:
+                self.record(item, pred)
+            except Exception as err:
+                skip(skipped, item[1], f"writing its results failed ({type(err).__name__}: {err})")
+
+    def record(self, item: tuple[int, Path, Tensor], pred: Prediction) -> None:
+        """Adds the image and its results, and writes its overlay; nothing is added if any
+        of it fails."""
+        image_id, path, image = item
+        height, width = pred.image_size
+        results = pred.to_coco(image_id, self.predictor.label_to_cat_id)
+        if self.overlays is not None:
+            self.save_overlay(image, pred, self.out / "overlays" / self.overlays[path])
+        self.images.append({"id": image_id, "file_name": str(path), "height": height,
+                            "width": width})
+        for result in results:
+            self.annotations.append({"id": len(self.annotations) + 1, **result})
+
+    def save_overlay(self, image: Tensor, pred: Prediction, path: Path) -> None:
+        names = self.predictor.class_names
+        picture = draw_instances(image, pred.boxes, pred.labels, pred.scores, pred.masks, names)
+        save_overlay(picture, path)
+
+    def categories(self) -> list[dict[str, Any]]:
+        names = self.predictor.class_names or []
+        mapping = self.predictor.label_to_cat_id or {k: k for k in range(1, len(names))}
+        return [{"id": cat, "name": self.predictor.name(label)} for label, cat in mapping.items()]
+
+    def write(self, skipped: list[Skipped]) -> Path:
+        """``OUT/predictions.json``, written atomically (a temporary file renamed over it)."""
+        data = {
+            "images": self.images,
+            "categories": self.categories(),
+            "annotations": self.annotations,
+            "skipped": [s._asdict() for s in skipped],
+        }
+        return write_text_atomic(self.out / "predictions.json", json.dumps(data))
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, renamed over
+    ``path``: a crash leaves the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def skip(skipped: list[Skipped], path: Path, reason: str) -> None:
+    """Records ``path`` as skipped and says so on stderr, as it happens."""
+    skipped.append(Skipped(str(path), reason))
+    tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
+
+
+def read_batches(
+    files: Sequence[Path], batch_size: int, skipped: list[Skipped]
+) -> Iterator[list[tuple[int, Path, Tensor]]]:
+    """(image id, path, (3, H, W) uint8 image) of ``files``, ``batch_size`` at a time; the
+    ids are 1-based positions in ``files``; unreadable files go to ``skipped``."""
+    batch: list[tuple[int, Path, Tensor]] = []
+    for image_id, path in enumerate(tqdm(files, desc="predict", unit="img"), start=1):
+        try:
+            batch.append((image_id, path, read_image(path)))
+        except DatasetError as err:  # its message names the file
+            skipped.append(Skipped(str(path), str(err)))
+            tqdm.write(f"skipped {err}", file=sys.stderr)
+        except Exception as err:  # a reader bug on one file must not end the run
+            skip(skipped, path, f"cannot read it ({type(err).__name__}: {err})")
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def prepare_out(out: Path) -> str | None:
+    """Creates the output folder ``out``; returns why it cannot be used, or None. Warns when
+    it holds the results of an earlier run, which would mix with this run's."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file; give a folder (created if missing)"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"--out {out}: cannot create the folder ({err.strerror or err})"
+    overlays = out / "overlays"
+    old = sum(1 for _ in overlays.iterdir()) if overlays.is_dir() else 0
+    if old:
+        files = "file" if old == 1 else "files"
+        print(f"warning: {overlays} already holds {old} {files} of an earlier run; those this "
+              "run does not rewrite stay there (use a new --out to keep runs apart)",
+              file=sys.stderr)
+    elif (out / "predictions.json").exists():
+        print(f"warning: replacing {out / 'predictions.json'} of an earlier run",
+              file=sys.stderr)
+    return None
+
+
+def not_reached(
+    files: Sequence[Path], writer: PredictionWriter, skipped: list[Skipped], err: BaseException
+) -> list[Skipped]:
+    """The files neither predicted nor skipped when the run stopped on ``err``."""
+    done = {im["file_name"] for im in writer.images} | {s.file_name for s in skipped}
+    reason = f"not predicted: the run stopped early ({type(err).__name__})"
+    return [Skipped(str(p), reason) for p in files if str(p) not in done]
+
+
+def predict_summary(writer: PredictionWriter, skipped: list[Skipped], json_path: Path) -> str:
+    done = len(writer.images)
+    per_image = writer.seconds / done if done else 0.0
+    lines = [
+        f"predicted {done} images, skipped {len(skipped)}, "
+        f"{len(writer.annotations)} detections, {per_image:.3f} s per image",
+        *(f"  skipped {s.file_name}: {s.reason}" for s in skipped),
+        f"results: {json_path}",
+    ]
+    if writer.overlays is not None and done:
+        lines.append(f"overlays: {writer.out / 'overlays'}")
+    return "\n".join(lines)
