@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from maskrcnn.bench import compare, format_report, main, run
+from maskrcnn import MaskRCNN, ModelConfig
+from maskrcnn.bench import build_models, compare, format_report, main, run
 from maskrcnn.cli import main as cli_main
+from maskrcnn.config import to_dict
 
 
 def test_report_has_every_section_and_ratio(tmp_path: Path) -> None:
@@ -50,3 +53,40 @@ def test_compare_of_identical_outputs() -> None:
 def test_cuda_without_a_gpu_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["bench", "--device", "cuda"]) == 2
     assert "PyTorch sees no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--size", "64"], "'64' is not HxW"),
+        (["--size", "0x0"], "both sides must be positive"),
+        (["--repeats", "0"], "must be at least 1"),
+        (["--skip", "train,trian"], "unknown section.s. trian"),
+    ],
+)
+def test_bad_options_are_usage_errors(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["bench", *args])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_weights_keep_their_number_of_classes_and_bad_files_are_named(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_classes=11, min_size=64, max_size=96)
+    path = tmp_path / "last.pth"
+    torch.save({"model": MaskRCNN(cfg).state_dict(), "config": {"model": to_dict(cfg)}}, path)
+    ours, theirs = build_models(str(path), resize=(64, 96))
+    assert ours.cfg.num_classes == 11
+    assert theirs.roi_heads.box_predictor.cls_score.out_features == 11
+    with pytest.raises(ValueError, match=r"weights file not found: .*nope\.pth"):
+        build_models(str(tmp_path / "nope.pth"))
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"text\.pth is not a readable"):
+        build_models(str(tmp_path / "text.pth"))
+    small = ModelConfig(backbone="resnet18", num_classes=3)
+    torch.save({"model": {}, "config": {"model": to_dict(small)}}, tmp_path / "r18.pth")
+    with pytest.raises(ValueError, match="resnet18 model"):
+        build_models(str(tmp_path / "r18.pth"))

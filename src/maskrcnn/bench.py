@@ -34,30 +34,63 @@ from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.model.postprocess import paste_masks
 from maskrcnn.precision import autocast, grad_scaler
 
+SECTIONS = ("inference", "train", "paste", "loading", "memory", "onnx")
+
 
 def build_models(
     weights: str | None = None, seed: int = 0, resize: tuple[int, int] = (800, 1333)
 ) -> tuple[MaskRCNN, TVMaskRCNN]:
     """Ours and torchvision's ResNet-50-FPN with identical weights (random unless a
-    torchvision-layout state dict or one of our checkpoints is given), score threshold 0 so
-    that each image yields the full 100 detections; ``resize``: (min_size, max_size)."""
+    torchvision-layout state dict or one of our checkpoints is given; a checkpoint's number
+    of classes is kept), score threshold 0 so that each image yields the full 100
+    detections; ``resize``: (min_size, max_size)."""
     torch.manual_seed(seed)
+    state, num_classes = _load_weights(weights) if weights else (None, 91)
     cfg = ModelConfig(
-        backbone="resnet50", box_score_thresh=0.0, min_size=resize[0], max_size=resize[1]
+        backbone="resnet50",
+        num_classes=num_classes,
+        box_score_thresh=0.0,
+        min_size=resize[0],
+        max_size=resize[1],
     )
     ours = MaskRCNN(cfg)
-    if weights:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        ours.load_state_dict(state.get("model", state))
+    if state is not None:
+        try:
+            ours.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"{weights} is not a ResNet-50-FPN Mask R-CNN: {err}") from None
     theirs = TVMaskRCNN(
         _resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3),
-        91,
+        num_classes,
         box_score_thresh=0.0,
         min_size=resize[0],
         max_size=resize[1],
     )
     theirs.load_state_dict(ours.state_dict())
     return ours.eval(), theirs.eval()
+
+
+def _load_weights(path: str) -> tuple[dict[str, Tensor], int]:
+    """The state dict in ``path`` (a state dict, or a checkpoint of ``maskrcnn train``) and
+    the number of classes of the model it belongs to."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"weights file not found: {path}") from None
+    except Exception as err:  # any unreadable file: say which one
+        raise ValueError(f"{path} is not a readable state dict or checkpoint: {err}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    model = state.get("config", {}).get("model", {}) if "model" in state else {}
+    if model.get("backbone", "resnet50") != "resnet50" or model.get("class_agnostic_masks"):
+        raise ValueError(
+            f"{path} is a {model.get('backbone')} model"
+            f"{' with class-agnostic masks' if model.get('class_agnostic_masks') else ''}: "
+            "the bench compares ResNet-50-FPN models with torchvision's"
+        )
+    weights = state.get("model", state)
+    head = weights.get("roi_heads.box_predictor.cls_score.weight")
+    return weights, int(head.shape[0]) if isinstance(head, Tensor) else 91
 
 
 def _no_sync() -> None:

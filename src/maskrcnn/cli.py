@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from maskrcnn.bench import SECTIONS
 from maskrcnn.config import load_train_config
 from maskrcnn.data.errors import DatasetError
 from maskrcnn.engine.checkpoint import CheckpointError
@@ -126,13 +127,40 @@ example: maskrcnn train --config finetune_small data.train_json=train.json \\
     p.set_defaults(func=_train)
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    """``HxW`` with two positive integers."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HxW, e.g. 800x1088") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: both sides must be positive")
+    return h, w
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _sections(text: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in names if s not in SECTIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}"
+        )
+    return names
+
+
 def _bench(args: argparse.Namespace) -> int:
     from maskrcnn import bench
 
-    h, w = (int(v) for v in args.size.lower().split("x"))
-    skip = tuple(s for s in args.skip.split(",") if s)
     try:
-        return bench.main((h, w), args.repeats, args.weights, skip, args.json, args.device)
+        return bench.main(args.size, args.repeats, args.weights, args.skip, args.json,
+                          args.device)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -146,14 +174,16 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "training step (batch 2), mask paste (100 masks), data loading and peak memory; "
         "medians of alternating runs, ratios against torchvision.",
     )
-    p.add_argument("--size", default="800x1088", help="image size HxW (default 800x1088)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each (default 3)")
+    p.add_argument("--size", type=_image_size, default="800x1088",
+                   help="image size HxW (default 800x1088)")
+    p.add_argument("--repeats", type=_positive_int, default=3,
+                   help="timed runs of each (default 3)")
     p.add_argument(
         "--weights",
         help="state dict or checkpoint of a ResNet-50-FPN model (default: random weights)",
     )
     p.add_argument(
-        "--skip", default="", help="comma list of: inference,train,paste,loading,memory,onnx"
+        "--skip", type=_sections, default="", help="comma list of: " + ",".join(SECTIONS)
     )
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.add_argument(

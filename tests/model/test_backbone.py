@@ -50,6 +50,15 @@ def test_backbone_weights_load_from_a_local_file(tmp_path: Path) -> None:
     assert torch.equal(bb.body["bn1"].running_var, ref.bn1.running_var)
 
 
+def test_a_classifier_of_any_size_is_ignored(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    ref = models.resnet18(weights=None, num_classes=10)  # an ImageNet model fine-tuned
+    path = tmp_path / "r18_10.pth"
+    torch.save(ref.state_dict(), path)
+    bb = build_backbone(ModelConfig(backbone="resnet18", backbone_weights=str(path)))
+    assert torch.equal(bb.body["layer4"][1].conv2.weight, ref.layer4[1].conv2.weight)
+
+
 def test_weights_that_do_not_fit_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "wrong.pth"
     torch.save(models.resnet18(weights=None).state_dict(), path)

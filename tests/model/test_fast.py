@@ -50,6 +50,12 @@ def test_optimize_for_inference_switches_mode() -> None:
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="precision"):
         model.optimize_for_inference("int8")
+    assert model.optimize_for_inference("fp32") is model  # the same switch again: nothing
+    with pytest.raises(ValueError, match="already optimized for fp32"):
+        model.optimize_for_inference("bf16")
+    with pytest.raises(ValueError, match="can no longer be trained"):
+        model.train()
+    assert not model.training
 
 
 def _trained(run: Path, device: str = "cpu") -> tuple[MaskRCNN, list[torch.Tensor]]:

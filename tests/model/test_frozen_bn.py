@@ -43,6 +43,25 @@ def test_fused_pair_trains_like_the_plain_one() -> None:
     assert torch.equal(fused(x), plain(x))
 
 
+def test_norms_put_in_eval_mode_alone_apply_once() -> None:
+    """``for m in model.modules(): if isinstance(m, FrozenBatchNorm2d): m.eval()`` (a common
+    idiom) must not apply the norm twice, nor a conv in eval mode skip it."""
+    plain = _pair(0).eval()
+    fused = copy.deepcopy(plain)
+    fuse_frozen_batchnorm(fused)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    expected = plain(x)
+    fused.train()
+    fused[1].eval()
+    assert torch.allclose(fused(x), expected, rtol=1e-5, atol=1e-5)
+    fused.train()
+    fused[0].eval()
+    assert torch.allclose(fused(x), expected, rtol=1e-5, atol=1e-5)
+    copied = copy.deepcopy(fused.train())  # the pair stays linked in a copy
+    assert copied[1].__dict__["conv"] is copied[0] and copied[0].__dict__["norm"] is copied[1]
+    assert torch.allclose(copied(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_backbone_features_equal_in_train_and_eval_modes() -> None:
     torch.manual_seed(0)
     for name in ("resnet18", "mobilenet_v2"):

@@ -34,6 +34,7 @@ def _target(**over: torch.Tensor) -> dict[str, torch.Tensor]:
         ([torch.rand(64, 64)], "image 0: expected shape"),
         ([torch.rand(3, 64, 64), torch.rand(4, 64, 64)], "image 1: expected shape"),
         ([torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)], "image 0: expected a float"),
+        ([torch.rand(3, 64, 64, dtype=torch.float64)], "image 0: expected float32 .*float64"),
     ],
 )
 def test_bad_images(model: MaskRCNN, images: object, message: str) -> None:
@@ -58,6 +59,8 @@ def test_bad_images(model: MaskRCNN, images: object, message: str) -> None:
         (_target(labels=torch.tensor([5])), r"target 1: labels must be in \[1, 4\]"),
         (_target(labels=torch.tensor([0])), r"target 1: labels must be in \[1, 4\]"),
         ({"boxes": torch.zeros(0, 4)}, "target 1: missing 'labels'"),
+        (_target(labels=torch.tensor([2.0])), "target 1: labels must be int64 .*float32"),
+        (_target(labels=torch.tensor([2], dtype=torch.uint8)), "target 1: labels must be int64"),
     ],
 )
 def test_bad_targets(model: MaskRCNN, target: dict[str, torch.Tensor], message: str) -> None:
@@ -65,6 +68,23 @@ def test_bad_targets(model: MaskRCNN, target: dict[str, torch.Tensor], message: 
     images = [torch.rand(3, 64, 80), torch.rand(3, 64, 80)]
     with pytest.raises(ValueError, match=message):
         model(images, [_target(), target])
+
+
+def test_integer_boxes_give_the_losses_of_float_boxes(model: MaskRCNN) -> None:
+    """Integer boxes (as COCO annotations often have them) are resized as floats: scaled in
+    their own dtype, a ratio of 0.64 would truncate every box to 0."""
+    model.train()
+    image = [torch.rand(3, 200, 200, generator=torch.Generator().manual_seed(0))]
+    masks = torch.zeros(1, 200, 200, dtype=torch.uint8)
+    masks[0, 20:120, 30:150] = 1
+    losses = []
+    for boxes in (torch.tensor([[30, 20, 150, 120]]), torch.tensor([[30.0, 20, 150, 120]])):
+        torch.manual_seed(1)
+        target = {"boxes": boxes, "labels": torch.tensor([2]), "masks": masks}
+        losses.append(model(image, [target]))
+    assert all(torch.isfinite(v) for v in losses[0].values())
+    for name, value in losses[1].items():
+        assert torch.equal(losses[0][name], value), name
 
 
 def test_training_without_targets_is_explained(model: MaskRCNN) -> None:

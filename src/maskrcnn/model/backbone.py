@@ -82,6 +82,8 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
         ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if isinstance(state, dict):  # a classifier of any size: it is not part of the detector
+        state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shapes differ: another architecture's file

@@ -32,12 +32,20 @@ class ConvFrozenBN(nn.Conv2d):
     """A convolution that, in training, applies the frozen norm that follows it."""
 
     def attach(self, bn: FrozenBatchNorm2d | None) -> None:
-        # Not a submodule: the norm stays registered where it was.
+        # Not submodules of each other: the norm stays registered where it was.
         self.__dict__["norm"] = bn
+        if bn is not None:
+            bn.__dict__["conv"] = self
+
+    def applies_norm(self) -> bool:
+        """Whether this call applies the norm: both modules in training mode (a norm put in
+        eval mode on its own, a common idiom, then applies itself, and only once)."""
+        bn = self.__dict__.get("norm")
+        return bn is not None and self.training and bn.training
 
     def forward(self, x: Tensor) -> Tensor:
         bn = self.__dict__.get("norm")
-        if not self.training or bn is None:
+        if bn is None or not self.applies_norm():
             return super().forward(x)
         scale, shift = affine_of(bn)
         weight = self.weight * scale.reshape(-1, 1, 1, 1)
@@ -49,7 +57,8 @@ class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
     """A frozen norm whose convolution applies it in training: then it passes through."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return x if self.training else super().forward(x)
+        conv = self.__dict__.get("conv")
+        return x if conv is not None and conv.applies_norm() else super().forward(x)
 
 
 def conv_norm_pairs(

@@ -51,6 +51,7 @@ class MaskRCNN(nn.Module):
         self.roi_heads = RoIHeads(self.cfg)
         self.inference_precision = "fp32"
         self.channels_last = False
+        self.optimized = False  # optimize_for_inference changed the weights for good
 
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
@@ -98,6 +99,15 @@ class MaskRCNN(nn.Module):
             precision = default_fast_precision(next(self.parameters()).device)
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        if self.optimized:
+            if (precision, channels_last) == (self.inference_precision, self.channels_last):
+                return self
+            raise ValueError(
+                f"this model is already optimized for {self.inference_precision}: its weights "
+                "were changed in place; optimize a copy of the original model instead "
+                "(copy.deepcopy before the first call)"
+            )
+        self.optimized = True
         fold_frozen_batchnorm(self.backbone)
         if precision != "fp32":
             cast_autocast_weights(self, DTYPES[precision])
@@ -107,6 +117,15 @@ class MaskRCNN(nn.Module):
             self.to(memory_format=torch.channels_last)
         self.eval()
         return self
+
+    def train(self, mode: bool = True) -> MaskRCNN:
+        if mode and self.optimized:
+            raise ValueError(
+                "this model was switched to the fast inference path (optimize_for_inference): "
+                "its norms are folded into the weights, so it can no longer be trained or "
+                "saved in torchvision's layout; train a copy made before the switch"
+            )
+        return super().train(mode)
 
     @staticmethod
     def to_input_coordinates(

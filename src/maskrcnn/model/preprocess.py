@@ -52,6 +52,8 @@ def scale_boxes(boxes: Tensor, from_size: tuple[int, int], to_size: tuple[int, i
         from_size[1], dtype=torch.float32, device=boxes.device
     )
     ratios = torch.stack([ratio_w, ratio_h, ratio_w, ratio_h])
+    if not boxes.is_floating_point():  # integer boxes would truncate the ratios to 0 or 1
+        boxes = boxes.float()
     return boxes * ratios.to(boxes.dtype)
 
 

@@ -25,6 +25,11 @@ def check_images(images: object) -> list[Tensor]:
                 f"image {i}: expected a float tensor with values in [0, 1], got {image.dtype} "
                 "(convert uint8 images with image.float() / 255)"
             )
+        if image.dtype != torch.float32:  # the weights are float32 (autocast casts inside)
+            raise ValueError(
+                f"image {i}: expected float32 values in [0, 1], got {image.dtype} "
+                "(convert with image.float())"
+            )
         if image.shape[1] == 0 or image.shape[2] == 0:
             raise ValueError(f"image {i}: empty image of shape {tuple(image.shape)}")
     return list(images)
@@ -54,6 +59,11 @@ def check_targets(
             raise ValueError(
                 f"target {i}: box {j} {boxes[j].tolist()} is degenerate "
                 "(x2 <= x1 or y2 <= y1); boxes are xyxy in pixels"
+            )
+        if labels.dtype != torch.int64:
+            raise ValueError(
+                f"target {i}: labels must be int64 class indices, got {labels.dtype} "
+                "(convert with labels.long())"
             )
         if labels.shape != (n,):
             raise ValueError(
