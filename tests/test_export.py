@@ -254,6 +254,15 @@ def test_cli_errors_name_the_problem(
     assert main(argv) == 1
     assert "onnxruntime cannot load" in capsys.readouterr().err
     assert main([argv[0], str(exported.onnx), *argv[2:], "--tta"]) == 1
+    capsys.readouterr()
+    checkpoint = str(exported.run / "last.pth")
+    assert main(["export", checkpoint, "--out", str(tmp_path)]) == 1  # before the slow export
+    assert f"{tmp_path} is a folder" in capsys.readouterr().err
+    assert main(["export", checkpoint, "--out", str(exported.onnx / "m.onnx")]) == 1
+    assert "cannot create its folder" in capsys.readouterr().err
+    (tmp_path / "bogus.pt2").write_text("not an archive")
+    with pytest.raises(ValueError, match=r"bogus\.pt2: not a torch\.export archive"):
+        load_torch_export(tmp_path / "bogus.pt2")
 
 
 def test_export_graph_equals_the_eager_model_exactly(exported: Exported) -> None:

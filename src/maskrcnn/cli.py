@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 import sys
 from importlib import resources
@@ -64,7 +65,15 @@ def _train(args: argparse.Namespace) -> int:
     from maskrcnn.engine.summary import print_summary
     from maskrcnn.engine.trainer import Trainer
 
-    if args.nproc > 1 or args.nnodes > 1:
+    if (args.nproc > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
+        if args.nnodes > 1 and not args.rdzv_endpoint:
+            print("error: --nnodes > 1 needs --rdzv-endpoint HOST:PORT (node 0's address, "
+                  "the same on every node)", file=sys.stderr)
+            return 2
+        if not 0 <= args.node_rank < args.nnodes:
+            print(f"error: --node-rank must be in 0..{args.nnodes - 1}, got {args.node_rank}",
+                  file=sys.stderr)
+            return 2
         return launch_torchrun(args, args.argv)
 
     config = args.config
@@ -91,6 +100,9 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         "train",
         help="train a model (no arguments: the embedded synthetic-shapes demo)",
+        # The launch flags are removed by name before the command is run again under
+        # torchrun: an abbreviation (--npr 2) would reach the workers and relaunch them.
+        allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train Mask R-CNN on a COCO dataset.",
         epilog="""overrides (section.key=value), the main ones:

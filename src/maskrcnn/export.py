@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.export import Dim, ExportedProgram
 
+from maskrcnn.atomic import atomic_write
 from maskrcnn.export_metadata import ExportMetadata, make_metadata
 from maskrcnn.export_model import ExportableMaskRCNN
 from maskrcnn.model.fast import fold_frozen_batchnorm
@@ -112,11 +113,11 @@ def export_torch(
 ) -> Path:
     """Write ``model`` as a ``torch.export`` archive (``.pt2``) with the metadata as its
     extra file ``maskrcnn_metadata.json``; ``program``: a ready ``export_program(model)``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = writable(path)
     program = program if program is not None else export_program(model)
     metadata = make_metadata(model, class_names, label_to_cat_id, score_thresh)
-    torch.export.save(program, path, extra_files={METADATA_FILE: metadata.to_json()})
+    with atomic_write(path, suffix=".tmp.pt2") as tmp:  # torch.export insists on .pt2
+        torch.export.save(program, tmp, extra_files={METADATA_FILE: metadata.to_json()})
     return path
 
 
@@ -126,7 +127,12 @@ def load_torch_export(
     """The callable module of a ``.pt2`` written by :func:`export_torch` —
     ``module(image) -> (boxes, labels, scores, masks)`` — and its metadata."""
     extra = {METADATA_FILE: ""}
-    program = torch.export.load(path, extra_files=extra)
+    try:
+        program = torch.export.load(path, extra_files=extra)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # a zip error, a foreign archive: name the file
+        raise ValueError(f"{path}: not a torch.export archive ({err})") from None
     if not extra[METADATA_FILE]:
         raise ValueError(f"{path}: no {METADATA_FILE}; not written by maskrcnn export")
     return program.module(), ExportMetadata.from_json(extra[METADATA_FILE])
@@ -150,7 +156,7 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is not supported: the export needs opset {MIN_OPSET} "
                          "or later")
-    path = Path(path)
+    path = writable(path)
     program = program if program is not None else export_program(model)
     with quiet_exporters():
         onnx_program = torch.onnx.export(
@@ -167,10 +173,23 @@ def export_onnx(
     if written != opset:
         raise ValueError(f"{path}: asked for opset {opset} but the exporter produced opset "
                          f"{written}; nothing was written (opset {DEFAULT_OPSET} is supported)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     props = make_metadata(model, class_names, label_to_cat_id, score_thresh).onnx_props()
     onnx_program.model.metadata_props.update(props)
-    onnx_program.save(path)
+    with atomic_write(path) as tmp:
+        onnx_program.save(tmp)
+    return path
+
+
+def writable(path: str | Path) -> Path:
+    """``path`` as a Path, checked before a slow export: a ValueError if it is a folder or its
+    folder cannot be made (a file is in the way)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the file to write, e.g. {path / 'model'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot create its folder ({err.strerror})") from None
     return path
 
 

@@ -35,6 +35,9 @@ def _run_export(args: argparse.Namespace) -> int:
     except ValueError as err:  # e.g. the exporter did not produce the opset asked for
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a full disk: the previous file, if any, is left as it was
+        print(f"error: {args.out}: {err}", file=sys.stderr)
+        return 1
     seconds = time.perf_counter() - start
     size_mb = path.stat().st_size / 2**20
     print(f"wrote {path} ({args.format}, {size_mb:.1f} MiB) in {seconds:.0f} s")

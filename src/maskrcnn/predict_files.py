@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -17,6 +15,7 @@ from typing import Any, NamedTuple
 from torch import Tensor
 from tqdm import tqdm
 
+from maskrcnn.atomic import write_text_atomic
 from maskrcnn.data.errors import DatasetError
 from maskrcnn.data.image_io import read_image
 from maskrcnn.onnx_predictor import OnnxPredictor
@@ -144,20 +143,6 @@ class PredictionWriter:
             "skipped": [s._asdict() for s in skipped],
         }
         return write_text_atomic(self.out / "predictions.json", json.dumps(data))
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, renamed over
-    ``path``: a crash leaves the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def skip(skipped: list[Skipped], path: Path, reason: str) -> None:

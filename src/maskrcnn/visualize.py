@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import colorsys
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from maskrcnn.atomic import atomic_write
 from maskrcnn.predictor import ImageInput, to_float_image
 
 ALPHA = 0.45
@@ -156,12 +155,6 @@ def save_overlay(image: Image.Image, path: str | Path) -> Path:
     image_format = Image.registered_extensions().get(path.suffix.lower())
     if image_format is None:
         raise ValueError(f"{path}: unknown image extension {path.suffix!r}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=image_format)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp:
+        image.save(tmp, format=image_format)
     return path

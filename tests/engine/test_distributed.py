@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from maskrcnn.engine.checkpoint import load_checkpoint
@@ -181,3 +182,42 @@ def test_a_non_finite_loss_in_one_process_is_seen_by_all() -> None:
         for rank in (0, 1)
     ]
     assert [p.communicate(timeout=120)[0].strip() for p in procs] == ["False", "False"]
+
+
+def test_the_launcher_runs_torchrun_with_the_command_less_its_launch_flags(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import maskrcnn.cli as cli
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    argv = ["train", "--nproc", "2", "--nnodes=2", "--node-rank", "1",
+            "--rdzv-endpoint", "node0:29400", "solver.max_iter=5"]
+    assert cli.main(argv) == 0
+    assert calls == [[
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=2",
+        "--node_rank=1", "--rdzv_backend=c10d", "--rdzv_endpoint=node0:29400",
+        "-m", "maskrcnn", "train", "solver.max_iter=5",
+    ]]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--nproc", "2", "--nnodes", "2"], "--nnodes > 1 needs --rdzv-endpoint"),
+        (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:1"], "must be in 0..1"),
+    ],
+)
+def test_launch_flags_that_would_hang_are_refused(
+    argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import maskrcnn.cli as cli
+
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: pytest.fail(f"launched {cmd}"))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert cli.main(["train", *argv]) == 2
+    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an abbreviation would reach the workers and relaunch
+        cli.main(["train", "--npr", "2"])

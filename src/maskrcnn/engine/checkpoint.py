@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import glob
-import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from maskrcnn.atomic import atomic_write
 
 
 class CheckpointError(RuntimeError):
@@ -30,21 +30,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     # file is an orphan: remove it before taking more space.
     for orphan in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         orphan.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    with atomic_write(path, durable=True) as tmp, tmp.open("wb") as f:
+        torch.save(state, f)
     return path
 
 
