@@ -90,3 +90,10 @@ def test_weights_keep_their_number_of_classes_and_bad_files_are_named(tmp_path: 
     torch.save({"model": {}, "config": {"model": to_dict(small)}}, tmp_path / "r18.pth")
     with pytest.raises(ValueError, match="resnet18 model"):
         build_models(str(tmp_path / "r18.pth"))
+
+
+def test_a_json_path_that_cannot_be_written_is_refused_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["bench", "--json", str(tmp_path)]) == 2
+    assert f"--json {tmp_path}: not a file in an existing folder" in capsys.readouterr().err

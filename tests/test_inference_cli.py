@@ -296,3 +296,35 @@ def test_fast_is_refused_with_onnxruntime(run: Path, tmp_path: Path,
             str(tmp_path / "o"), "--backend", "onnxruntime", "--fast"]
     assert main(argv) == 1
     assert "--fast is not available" in capsys.readouterr().err
+
+
+def test_usage_mistakes_are_one_line_errors_before_any_work(
+    run: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = str(run / "last.pth")
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("x")
+    data = str(run / "data" / "val.json")
+    assert main(["eval", ckpt, "--data", data, "--out", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert "results.txt is a file" in err and "Traceback" not in err
+    assert main(["predict", ckpt, str(folder), "--out", str(tmp_path / "o"), "--device",
+                 "gpu"]) == 1
+    assert "device 'gpu': not a device name" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", ckpt, str(folder), "--out", str(tmp_path / "o"), "--tta",
+              "--tta-scales", "0.8,abc"])
+    assert exit_info.value.code == 2
+    assert "argument --tta-scales: 'abc' is not a number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["predict", ckpt, str(folder), "--out", str(tmp_path / "o"), "--batch-size", "x"])
+    assert "argument --batch-size: 'x' is not a whole number" in capsys.readouterr().err
+
+
+def test_a_folder_without_images_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no pictures here")
+    files, skipped = find_images([str(tmp_path / "empty")])
+    assert files == []
+    assert [s.file_name for s in skipped] == [str(tmp_path / "empty")]
+    assert "holds no image files" in skipped[0].reason

@@ -207,3 +207,14 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
     save_checkpoint({"model": {"x": torch.zeros(1)}, "config": config}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="weights do not fit"):
         Predictor.from_checkpoint(tmp_path / "bad.pth")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_devices_the_machine_lacks_are_named() -> None:
+    from maskrcnn.predictor import pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="'gpu': not a device name"):
+        pick_device("gpu")
+    with pytest.raises(ValueError, match="'cuda:1': PyTorch sees no CUDA device"):
+        pick_device("cuda:1")

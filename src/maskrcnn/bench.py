@@ -13,6 +13,7 @@ import json
 import multiprocessing as mp
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -28,6 +29,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from maskrcnn import malloc
+from maskrcnn.atomic import write_text_atomic
 from maskrcnn.config import ModelConfig
 from maskrcnn.model.fast import default_fast_precision
 from maskrcnn.model.mask_rcnn import MaskRCNN
@@ -417,24 +419,38 @@ def run(
         "malloc": malloc.setting(),
     }
     if "inference" not in skip:
+        _progress("inference", repeats)
         times, agreement = bench_inference(ours, theirs, size, repeats, precision)
         report["inference_s_per_image"] = times
         report["fast_vs_exact"] = agreement
     if "train" not in skip:
+        _progress("training step", repeats)
         report["train_s_per_step_batch2"] = bench_training(ours, theirs, size, repeats, precision)
     if "paste" not in skip:
+        _progress("mask paste", repeats * 3)
         report["paste_100_masks_s"] = bench_paste(size, repeats * 3, dev)
     if "loading" not in skip:
+        _progress("data loading", repeats)
         report["loading_s_per_sample"] = bench_loading(loading_images, 512, repeats)
-    if "memory" not in skip and dev.type == "cuda":
-        report["inference_peak_gpu_mib"] = bench_peak_cuda_memory(ours, theirs, size, precision)
-    elif "memory" not in skip:
-        report["inference_peak_mib"] = bench_peak_memory(size, precision)
+    if "memory" not in skip:
+        _progress("peak memory (each contender in a fresh process)", 1)
+        if dev.type == "cuda":
+            report["inference_peak_gpu_mib"] = bench_peak_cuda_memory(ours, theirs, size,
+                                                                      precision)
+        else:
+            report["inference_peak_mib"] = bench_peak_memory(size, precision)
     if "onnx" not in skip:
         from maskrcnn.export import bench_onnxruntime
 
+        _progress("onnxruntime (export, then the same image)", repeats)
         report["onnxruntime_vs_fast"] = bench_onnxruntime(copy.deepcopy(ours), None, size, repeats)
     return report
+
+
+def _progress(section: str, repeats: int) -> None:
+    """One line on stderr as each section starts: a full run takes minutes."""
+    print(f"bench: {section}, {repeats} timed run(s) of each contender...", file=sys.stderr,
+          flush=True)
 
 
 MALLOC_NOTES = {
@@ -509,8 +525,10 @@ def main(
     json_path: str | None,
     device: str = "cpu",
 ) -> int:
+    if json_path and (Path(json_path).is_dir() or not Path(json_path).parent.is_dir()):
+        raise ValueError(f"--json {json_path}: not a file in an existing folder")
     report = run(size, repeats, weights, skip, device=device)
     print(format_report(report))
     if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2))
+        write_text_atomic(json_path, json.dumps(report, indent=2))
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from maskrcnn.bench import SECTIONS
+from maskrcnn.cli_args import positive_int
 from maskrcnn.config import load_train_config
 from maskrcnn.data.errors import DatasetError
 from maskrcnn.engine.checkpoint import CheckpointError
@@ -32,7 +33,7 @@ def recipe_path(name_or_path: str) -> Path:
     names = sorted(
         p.name[:-5] for p in resources.files(RECIPES).iterdir() if p.name.endswith(".yaml")
     )
-    raise SystemExit(f"config {name_or_path!r} is neither a file nor a recipe ({', '.join(names)})")
+    raise ValueError(f"config {name_or_path!r} is neither a file nor a recipe ({', '.join(names)})")
 
 
 def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
@@ -88,7 +89,14 @@ def _train(args: argparse.Namespace) -> int:
     except ValueError as err:  # a malformed override or an invalid setting: no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
-    trainer = Trainer(cfg, resume=args.resume)
+    if cfg.data.train_json is None and config != "demo":
+        print("note: data.train_json is not set: training on the embedded synthetic shapes "
+              "(set data.train_json=... and data.train_images=... for your data)")
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+    except ValueError as err:  # settings only the data can check, e.g. the class count
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     metrics = trainer.train()
     if trainer.dist.is_main:
         print_summary(trainer, metrics)
@@ -128,11 +136,12 @@ example: maskrcnn train --config finetune_small data.train_json=train.json \\
     )
     p.add_argument(
         "--nproc",
-        type=int,
+        type=positive_int,
         default=1,
         help="processes per node: launches torchrun (one per GPU, or CPU processes)",
     )
-    p.add_argument("--nnodes", type=int, default=1, help="number of machines (with --nproc)")
+    p.add_argument("--nnodes", type=positive_int, default=1,
+                   help="number of machines (with --nproc)")
     p.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
     p.add_argument("--rdzv-endpoint", help="host:port of node 0, for multi-node runs")
     p.add_argument("overrides", nargs="*", help="section.key=value")
@@ -148,13 +157,6 @@ def _image_size(text: str) -> tuple[int, int]:
     if h < 1 or w < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: both sides must be positive")
     return h, w
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _sections(text: str) -> tuple[str, ...]:
@@ -188,7 +190,7 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--size", type=_image_size, default="800x1088",
                    help="image size HxW (default 800x1088)")
-    p.add_argument("--repeats", type=_positive_int, default=3,
+    p.add_argument("--repeats", type=positive_int, default=3,
                    help="timed runs of each (default 3)")
     p.add_argument(
         "--weights",
@@ -242,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, CheckpointError, yaml.YAMLError) as err:
         # Problems with the user's files: the message says what and where; no traceback.
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError) as err:
+        # An output path that is a file where a folder is needed, or the other way round.
+        print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
         return 2
 
 

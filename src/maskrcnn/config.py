@@ -123,6 +123,15 @@ class DataConfig:
                 f"data.on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}"
             )
         _at_least(self, "data", batch_size=1, num_workers=0)
+        from maskrcnn.data.transforms import build_transforms  # torchvision: imported late
+
+        for key, spec, train in (("train_augmentation", self.train_augmentation, True),
+                                 ("val_augmentation", self.val_augmentation, False)):
+            if spec is not None:
+                try:
+                    build_transforms(list(spec), train=train)
+                except (ValueError, TypeError) as err:
+                    raise ValueError(f"data.{key}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -298,7 +307,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {k!r} is not a section")
-        node[keys[-1]] = yaml.safe_load(raw)
+        try:
+            node[keys[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or "it does not parse"
+            raise ValueError(f"override {item!r}: the value is not YAML ({problem})") from None
     return data
 
 

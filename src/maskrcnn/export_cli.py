@@ -21,6 +21,8 @@ def _run_export(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    print(f"exporting {args.checkpoint} to {args.format} (tracing and translating take a "
+          "minute or so)...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
         if args.format == "onnx":

@@ -13,6 +13,7 @@ from typing import Any
 from torch import Tensor
 from tqdm import tqdm
 
+from maskrcnn.cli_args import positive_floats, positive_int
 from maskrcnn.data.coco import CocoDataset
 from maskrcnn.data.errors import DatasetError
 from maskrcnn.engine.checkpoint import CheckpointError
@@ -35,8 +36,8 @@ from maskrcnn.tta import TTAConfig
 def tta_from_args(args: argparse.Namespace) -> TTAConfig | None:
     if not args.tta:
         return None
-    scales = tuple(float(s) for s in args.tta_scales.split(","))
-    return TTAConfig(hflip=True, vflip=args.tta_vflip, scales=scales, merge=args.tta_merge)
+    return TTAConfig(hflip=True, vflip=args.tta_vflip, scales=args.tta_scales,
+                     merge=args.tta_merge)
 
 
 def fast_from_args(args: argparse.Namespace) -> str | None:
@@ -182,6 +183,10 @@ def _run_eval(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+    problem = prepare_out(out)  # before the evaluation, not after it
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     skipped: dict[int, str] = {}
     rows: list[tuple[str, dict[str, Any], float]] = []
     folders = []
@@ -212,21 +217,14 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint written by `maskrcnn train`")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if present)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
                    help="images per batch (default 1)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (hflip)")
     p.add_argument("--tta-vflip", action="store_true", help="with --tta: vertical flips too")
-    p.add_argument("--tta-scales", default="1.0", metavar="S,S",
+    p.add_argument("--tta-scales", type=positive_floats, default=(1.0,), metavar="S,S",
                    help="with --tta: scales of the model's input size (default 1.0)")
     p.add_argument("--tta-merge", choices=("nms", "wbf"), default="nms",
                    help="with --tta: merge boxes by per-class NMS or weighted box fusion")

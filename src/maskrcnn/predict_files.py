@@ -42,9 +42,13 @@ def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[Skipped]]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found.update(
+            images = {
                 p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-            )
+            }
+            if not images:
+                kinds = " ".join(sorted(IMAGE_EXTENSIONS))
+                unmatched.append(Skipped(item, f"the folder holds no image files ({kinds})"))
+            found.update(images)
         elif path.is_file():
             found.add(path)
         else:

@@ -123,10 +123,21 @@ class Prediction:
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
-    """``None`` or ``"auto"``: CUDA when available, else the CPU."""
+    """``None`` or ``"auto"``: CUDA when available, else the CPU. A ValueError for a name
+    PyTorch does not know or a CUDA device this machine does not have."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        picked = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if picked.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r}: PyTorch sees no CUDA device on this machine")
+        if picked.index is not None and picked.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s)")
+    return picked
 
 
 class Predictor:

@@ -110,3 +110,27 @@ def test_values_are_converted_to_the_field_type(
 def test_values_that_cannot_work_are_refused_at_load_time(override: str, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(".", r"\.")):
         load_train_config(None, [override])
+
+
+def test_augmentation_and_yaml_mistakes_are_found_when_the_config_is_read() -> None:
+    with pytest.raises(ValueError, match=r"data\.train_augmentation: unknown transform 'foo'"):
+        load_train_config(None, ["data.train_augmentation=[{name: foo}]"])
+    with pytest.raises(ValueError, match=r"override 'solver\.steps=\[': the value is not YAML"):
+        load_train_config(None, ["solver.steps=["])
+
+
+def test_train_command_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from maskrcnn.cli import main
+
+    assert main(["train", "--config", "nonexist"]) == 2
+    assert capsys.readouterr().err.startswith("error: config 'nonexist' is neither a file")
+    a_file = tmp_path / "a.json"
+    a_file.write_text("{}")
+    assert main(["data", "synth", str(a_file), "--images", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {a_file}") and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--nproc", "0"])
+    assert exit_info.value.code == 2

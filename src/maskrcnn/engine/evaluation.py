@@ -40,18 +40,19 @@ def predict_dataset(
                           num_replicas=dist.world_size, rank=dist.rank)
     predictions: Predictions = []
     ids: list[int] = []
-    for images, targets, bad in tqdm(training_loader(loader, 0, skip_bad), desc="eval",
-                                     disable=not show_progress, leave=False):
-        for sample in bad:
-            log.warning("skipped validation image id %d: %s",
-                        dataset.image_ids[sample.index], sample.message)
-        if not images:
-            continue
-        with autocast(precision, device):
-            out = model([im.to(device) for im in images])
-        predictions += [{k: v.float().cpu() if v.is_floating_point() else v.cpu()
-                         for k, v in o.items()} for o in out]
-        ids += [int(t["image_id"]) for t in targets]
+    with tqdm(training_loader(loader, 0, skip_bad), desc="eval", disable=not show_progress,
+              leave=False) as batches:
+        for images, targets, bad in batches:
+            for sample in bad:
+                log.warning("skipped validation image id %d: %s",
+                            dataset.image_ids[sample.index], sample.message)
+            if not images:
+                continue
+            with autocast(precision, device):
+                out = model([im.to(device) for im in images])
+            predictions += [{k: v.float().cpu() if v.is_floating_point() else v.cpu()
+                             for k, v in o.items()} for o in out]
+            ids += [int(t["image_id"]) for t in targets]
     return predictions, ids
 
 

@@ -135,35 +135,36 @@ class Trainer:
         s, r = self.cfg.solver, self.cfg.run
         self.model.train()
         stream = self.batches()
-        bar = tqdm(
-            total=s.max_iter,
-            initial=self.iteration,
-            desc="train",
-            dynamic_ncols=True,
-            disable=not self.show_progress,
-        )
-        while self.iteration < s.max_iter:
-            lr = self.optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves
-            losses = self.step(stream)
-            self.iteration += 1
-            bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}")
-            bar.update(1)
-            if self.iteration % r.log_period == 0 or self.iteration == s.max_iter:
-                self.logger.log("train", self.iteration, {**losses, "lr": lr, "epoch": self.epoch})
-            # The checkpoint comes first: an evaluation that fails must not cost the training.
-            checkpoint = self.iteration % r.checkpoint_period == 0 or self.iteration == s.max_iter
-            if checkpoint:
-                self.save(self.out / "last.pth")
-            if r.eval_period and self.iteration % r.eval_period == 0:
-                best = self.best_ap
-                self.run_evaluation()
-                if checkpoint and self.best_ap != best:
-                    self.save(self.out / "last.pth")  # so that a resumed run knows the best AP
-        bar.close()
+        # As a context, the bar ends its line before an error is printed.
+        with tqdm(total=s.max_iter, initial=self.iteration, desc="train", dynamic_ncols=True,
+                  disable=not self.show_progress) as bar:
+            while self.iteration < s.max_iter:
+                lr = self.optimizer.param_groups[0]["lr"]  # this step's, before it moves
+                losses = self.step(stream)
+                self.iteration += 1
+                bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}")
+                bar.update(1)
+                self.after_step(losses, lr)
         if self.val_set is not None and (not r.eval_period or s.max_iter % r.eval_period):
             self.run_evaluation()
         self.finish()
         return self.last_metrics
+
+    def after_step(self, losses: dict[str, float], lr: float) -> None:
+        """The log record, the checkpoint and the evaluation due at this iteration. The
+        checkpoint comes first: an evaluation that fails must not cost the training."""
+        s, r = self.cfg.solver, self.cfg.run
+        last = self.iteration == s.max_iter
+        if self.iteration % r.log_period == 0 or last:
+            self.logger.log("train", self.iteration, {**losses, "lr": lr, "epoch": self.epoch})
+        checkpoint = self.iteration % r.checkpoint_period == 0 or last
+        if checkpoint:
+            self.save(self.out / "last.pth")
+        if r.eval_period and self.iteration % r.eval_period == 0:
+            best = self.best_ap
+            self.run_evaluation()
+            if checkpoint and self.best_ap != best:
+                self.save(self.out / "last.pth")  # so that a resumed run knows the best AP
 
     def step(self, stream: Iterator[tuple[list[Tensor], list[dict[str, Any]]]]) -> dict[str, float]:
         """One optimiser step over ``accumulation_steps`` micro-batches; the gradient is that
