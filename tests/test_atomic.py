@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,16 @@ def test_a_finished_write_replaces_the_file(tmp_path: Path) -> None:
     write_text_atomic(target, "text")
     assert target.read_text() == "text"
     assert sorted(p.name for p in target.parent.iterdir()) == ["model.pt2"]
+
+
+def test_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    """mkstemp makes its file owner-only; an exported model must stay readable by the
+    server that loads it, as a plain write would leave it."""
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "model.json", "{}")
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "model.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == 0o644

@@ -158,3 +158,15 @@ def test_a_label_near_the_right_edge_stays_inside_the_image() -> None:
     )
     plate_columns = np.all(out[30:39] == 0, axis=2).any(axis=0)
     assert plate_columns.sum() >= right - left  # the whole caption's width is visible
+
+
+def test_a_normalised_image_is_drawn_clipped_to_its_visible_range() -> None:
+    """``normalize`` in a validation pipeline gives values outside [0, 1]: the overlay shows
+    them clipped, as the picture of the clipped image."""
+    masks, boxes, labels = _two_instances()
+    image = torch.linspace(-2.0, 2.6, 80 * 100).reshape(1, 80, 100).expand(3, -1, -1)
+    out = draw_instances(image, boxes, labels, None, masks)
+    clipped = draw_instances(image.clamp(0, 1), boxes, labels, None, masks)
+    assert np.array_equal(np.asarray(out), np.asarray(clipped))
+    assert np.asarray(out)[0, 0].tolist() == [0, 0, 0]
+    assert np.asarray(out)[79, 99].tolist() == [255, 255, 255]

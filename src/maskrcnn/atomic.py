@@ -21,6 +21,7 @@ def atomic_write(path: str | Path, suffix: str = ".tmp", durable: bool = False) 
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide exports from other users
     try:
         yield tmp
         if durable:
@@ -31,6 +32,13 @@ def atomic_write(path: str | Path, suffix: str = ".tmp", durable: bool = False) 
         raise
     if durable:
         _fsync(path.parent, os.O_RDONLY)  # the rename itself
+
+
+def _umask() -> int:
+    """The process's file-creation mask (reading it means setting it: set it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path, flags: int) -> None:

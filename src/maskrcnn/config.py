@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -164,7 +165,7 @@ class SolverConfig:
                 f"solver.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"
             )
         _at_least(self, "solver", max_iter=1, accumulation_steps=1, warmup_iters=0)
-        if self.base_lr <= 0:
+        if not self.base_lr > 0 or not math.isfinite(self.base_lr):
             raise ValueError(f"solver.base_lr must be > 0, got {self.base_lr}")
         if list(self.steps) != sorted(self.steps):
             raise ValueError(f"solver.steps must be increasing, got {list(self.steps)}")
@@ -187,7 +188,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _at_least(self, "run", log_period=1, eval_period=0, checkpoint_period=1,
                   num_overlays=0, max_nonfinite_skips=0)
-        if self.dist_timeout_s <= 0:
+        if not self.dist_timeout_s > 0:
             raise ValueError(f"run.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
 
 

@@ -134,3 +134,8 @@ def test_train_command_errors_are_one_line(
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--nproc", "0"])
     assert exit_info.value.code == 2
+
+
+def test_a_learning_rate_that_is_not_a_number_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"solver\.base_lr must be > 0, got nan"):
+        load_train_config(None, ["solver.base_lr=nan"])

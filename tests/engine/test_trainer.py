@@ -248,3 +248,18 @@ def test_tensorboard_drops_what_a_crashed_run_logged_after_the_checkpoint(
     events.Reload()
     scalars = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert scalars == [(s, float(s)) for s in range(1, 7)] + [(s, 10.0 * s) for s in (7, 8, 9)]
+
+
+def test_sample_seeding_leaves_the_samplers_cuda_generators_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each sample's augmentation is seeded on the CPU generator only: reseeding the CUDA
+    ones (which the RPN and RoI samplers draw from on a GPU) in evaluation or in a loader
+    without workers would make a resumed run differ from a straight one."""
+    reseeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded.append)
+    trainer = Trainer(tiny_config(tmp_path, "solver.max_iter=1"), show_progress=False)
+    reseeded.clear()
+    trainer.train()  # a step (num_workers=0: samples load in this process), then evaluation
+    assert reseeded == []

@@ -45,7 +45,12 @@ class SeededDataset(Dataset[Any]):
     def __getitem__(self, key: Key) -> Any:
         epoch, index = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + index) % 2**63)
+            # The CPU generator only (the one augmentation draws from, and the one fork_rng
+            # restores): torch.manual_seed would reseed the CUDA generators that the model's
+            # samplers draw from, and a resumed run would drift from a straight one.
+            torch.default_generator.manual_seed(
+                (self.seed * 1_000_003 + epoch * 10_007 + index) % 2**63
+            )
             try:
                 return self.dataset[index]
             except DatasetError as err:
