@@ -43,3 +43,11 @@ def test_files_get_the_usual_permissions(tmp_path: Path) -> None:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "model.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == 0o644
+
+
+def test_a_failed_rename_names_the_file_asked_for(tmp_path: Path) -> None:
+    (tmp_path / "predictions.json").mkdir()  # a folder in the way
+    with pytest.raises(IsADirectoryError) as info:
+        write_text_atomic(tmp_path / "predictions.json", "{}")
+    assert info.value.filename == str(tmp_path / "predictions.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.json"]

@@ -317,6 +317,10 @@ def test_usage_mistakes_are_one_line_errors_before_any_work(
     assert exit_info.value.code == 2
     assert "argument --tta-scales: 'abc' is not a number" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        main(["predict", ckpt, str(folder), "--out", str(tmp_path / "o"), "--tta",
+              "--tta-scales", "1,inf"])
+    assert "finite and above 0, got inf" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         main(["predict", ckpt, str(folder), "--out", str(tmp_path / "o"), "--batch-size", "x"])
     assert "argument --batch-size: 'x' is not a whole number" in capsys.readouterr().err
 

@@ -9,6 +9,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from maskrcnn.data.coco import CocoDataset
+from maskrcnn.data.synthetic import make_synthetic_coco
+from maskrcnn.data.transforms import build_transforms
+from maskrcnn.engine.evaluation import save_overlays
 from maskrcnn.predictor import ImageInput
 from maskrcnn.visualize import (
     ALPHA,
@@ -160,13 +164,24 @@ def test_a_label_near_the_right_edge_stays_inside_the_image() -> None:
     assert plate_columns.sum() >= right - left  # the whole caption's width is visible
 
 
-def test_a_normalised_image_is_drawn_clipped_to_its_visible_range() -> None:
-    """``normalize`` in a validation pipeline gives values outside [0, 1]: the overlay shows
-    them clipped, as the picture of the clipped image."""
+def test_float_images_above_one_are_refused_as_the_predictor_refuses_them() -> None:
     masks, boxes, labels = _two_instances()
-    image = torch.linspace(-2.0, 2.6, 80 * 100).reshape(1, 80, 100).expand(3, -1, -1)
-    out = draw_instances(image, boxes, labels, None, masks)
-    clipped = draw_instances(image.clamp(0, 1), boxes, labels, None, masks)
-    assert np.array_equal(np.asarray(out), np.asarray(clipped))
-    assert np.asarray(out)[0, 0].tolist() == [0, 0, 0]
-    assert np.asarray(out)[79, 99].tolist() == [255, 255, 255]
+    with pytest.raises(ValueError, match="divide 0-255 values by 255"):
+        draw_instances(torch.full((3, 80, 100), 200.0), boxes, labels, None, masks)
+
+
+def test_validation_overlays_of_normalised_images_show_their_visible_range(
+    tmp_path: Path,
+) -> None:
+    """``normalize`` in a validation pipeline gives values outside [0, 1]: the overlays of
+    an evaluation draw them clipped, instead of failing the training run."""
+    ann = make_synthetic_coco(tmp_path, num_images=2, size=64, seed=0, split_name="val")
+    spec = [{"name": "to_float"}, {"name": "normalize"}]
+    dataset = CocoDataset(ann, tmp_path, transforms=build_transforms(spec, train=False))
+    image_id = dataset.image_ids[0]
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+             "scores": torch.zeros(0), "masks": torch.zeros(0, 1, 64, 64)}
+    paths = save_overlays(dataset, {image_id: empty}, tmp_path / "overlays", count=1)
+    assert [p.name for p in paths] == [f"{image_id}.png"]
+    picture = np.asarray(Image.open(paths[0]))
+    assert picture.min() == 0 and picture.max() == 255  # values beyond the range, clipped

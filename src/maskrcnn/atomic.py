@@ -26,7 +26,10 @@ def atomic_write(path: str | Path, suffix: str = ".tmp", durable: bool = False) 
         yield tmp
         if durable:
             _fsync(tmp, os.O_RDONLY)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:  # name the file the user asked for, not the temporary one
+            raise type(err)(err.errno, err.strerror, str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -247,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError) as err:
         # An output path that is a file where a folder is needed, or the other way round.
-        print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
+        where = err.filename2 or err.filename
+        print(f"error: {where}: {err.strerror}" if where and err.strerror else f"error: {err}",
+              file=sys.stderr)
         return 2
 
 

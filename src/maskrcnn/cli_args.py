@@ -4,6 +4,7 @@ flag (argparse adds it), with exit code 2."""
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def positive_int(text: str) -> int:
@@ -25,7 +26,7 @@ def positive_floats(text: str) -> tuple[float, ...]:
             value = float(item)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{item.strip()!r} is not a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"values must be above 0, got {value}")
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"values must be finite and above 0, got {value}")
         values.append(value)
     return tuple(values)

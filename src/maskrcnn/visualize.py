@@ -52,12 +52,7 @@ def text_color(color: tuple[int, int, int]) -> tuple[int, int, int]:
 def to_uint8_hwc(image: ImageInput) -> np.ndarray:
     """Any image :func:`~maskrcnn.predictor.to_float_image` takes (path, PIL image, grey,
     RGB or RGBA numpy array, (3, H, W) or (1, H, W) tensor; uint8 or float in [0, 1])
-    → (H, W, 3) uint8, the same picture the predictor sees. Float values outside [0, 1]
-    (a normalised image) are clipped to it: a picture is drawn whatever its range."""
-    if isinstance(image, Tensor) and image.is_floating_point():
-        image = image.detach().clamp(0, 1)
-    elif isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
-        image = np.clip(image, 0, 1)
+    → (H, W, 3) uint8, the same picture the predictor sees."""
     floats = to_float_image(image.detach() if isinstance(image, Tensor) else image)
     return (floats.cpu() * 255).round().to(torch.uint8).permute(1, 2, 0).numpy().copy()
 

@@ -139,3 +139,8 @@ def test_train_command_errors_are_one_line(
 def test_a_learning_rate_that_is_not_a_number_is_refused() -> None:
     with pytest.raises(ValueError, match=r"solver\.base_lr must be > 0, got nan"):
         load_train_config(None, ["solver.base_lr=nan"])
+
+
+def test_an_augmentation_step_that_is_not_a_mapping_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"data\.val_augmentation: transform entry 'hflip'"):
+        load_train_config(None, ["data.val_augmentation=[hflip]"])

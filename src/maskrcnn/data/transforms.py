@@ -301,6 +301,10 @@ def build_transforms(spec: list[dict[str, Any]] | None, train: bool) -> Compose:
     """
     if spec is None:
         spec = default_train_spec() if train else default_eval_spec()
+    for entry in spec:
+        if not isinstance(entry, dict):
+            raise ValueError(f"transform entry {entry!r} must be a mapping with a 'name', e.g. "
+                             "{name: hflip, p: 0.5}")
     if not train:
         random_entries = [e for e in spec if _is_random(e)]
         if random_entries:

@@ -92,6 +92,9 @@ def save_overlays(dataset: CocoDataset, predictions: dict[int, dict[str, torch.T
         if image_id not in predictions:
             continue
         image, target = dataset[i]
+        # A validation pipeline with ``normalize`` gives values outside [0, 1]: draw the
+        # visible range.
+        image = image.as_subclass(torch.Tensor).clamp(0, 1)
         pred = predictions[image_id]
         keep = pred["scores"] >= score_thresh
         gt = draw_instances(image, target["boxes"], target["labels"], None, target["masks"],
