@@ -133,6 +133,12 @@ class DataConfig:
                     build_transforms(list(spec), train=train)
                 except (ValueError, TypeError) as err:
                     raise ValueError(f"data.{key}: {err}") from None
+        if any(entry.get("name") == "resize" for entry in self.val_augmentation or ()):
+            raise ValueError(
+                "data.val_augmentation: 'resize' would score predictions of the resized image "
+                "against the original's annotations; the model resizes by itself "
+                "(model.min_size, model.max_size)"
+            )
 
 
 @dataclass(frozen=True)

@@ -108,10 +108,12 @@ def test_grouping_keeps_one_orientation_per_batch(drop_last: bool) -> None:
                           drop_last=drop_last)
     batches = ids_of(loader)
     assert len(batches) == len(loader) == (4 if drop_last else math.ceil(18 / 4))
-    assert all(len(b) == 4 for b in batches)
-    assert all(len({groups[i] for i in b}) == 1 for b in batches)
-    if not drop_last:
-        assert {i for b in batches for i in b} == set(range(18))
+    mixed = [b for b in batches if len({groups[i] for i in b}) > 1]
+    if drop_last:
+        assert all(len(b) == 4 for b in batches) and not mixed
+    else:  # every image exactly once; only the end-of-epoch remainders may mix
+        assert sorted(i for b in batches for i in b) == list(range(18))
+        assert len(mixed) <= 1 and all(len(b) == 4 for b in batches[:-1])
 
 
 def test_without_grouping_batches_follow_the_sampler() -> None:
@@ -175,7 +177,23 @@ def test_grouped_batch_sampler_invariants(groups: list[int], batch_size: int,
     sampler = GroupedBatchSampler(SequentialSampler(groups), groups, batch_size, drop_last)
     batches = list(sampler)
     assert len(batches) == len(sampler)
-    assert all(len(b) == batch_size and len({groups[i] for i in b}) == 1 for b in batches)
-    # Only the end-of-epoch remainders (< batch_size per group) may be left out.
-    missed = len(groups) - len({i for b in batches for i in b})
-    assert missed <= len(set(groups)) * (batch_size - 1)
+    mixed = [b for b in batches if len({groups[i] for i in b}) > 1]
+    if drop_last:
+        assert all(len(b) == batch_size for b in batches) and not mixed
+        # Only the end-of-epoch remainders (< batch_size per group) may be left out.
+        missed = len(groups) - len({i for b in batches for i in b})
+        assert missed <= len(set(groups)) * (batch_size - 1)
+    else:  # as BatchSampler: every index exactly once; the remainders may mix groups
+        assert sorted(i for b in batches for i in b) == list(range(len(groups)))
+        assert all(len(b) == batch_size for b in batches[:-1])
+        assert len(mixed) < len(set(groups))
+
+
+def test_every_image_once_without_drop_last_and_a_clear_error_without_a_batch() -> None:
+    groups = [0] * 5 + [1] * 3
+    batches = list(GroupedBatchSampler(SequentialSampler(groups), groups, 4, drop_last=False))
+    assert batches == [[0, 1, 2, 3], [5, 6, 7, 4]]  # the remainders of both groups, once each
+    with pytest.raises(ValueError, match="3 images per process, fewer than batch_size=4"):
+        build_loader(RatioDataset(), batch_size=4, shuffle=False, num_workers=0,
+                     aspect_ratio_grouping=False, drop_last=True, num_replicas=6, rank=0,
+                     distributed=True)

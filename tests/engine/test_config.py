@@ -144,3 +144,9 @@ def test_a_learning_rate_that_is_not_a_number_is_refused() -> None:
 def test_an_augmentation_step_that_is_not_a_mapping_is_refused() -> None:
     with pytest.raises(ValueError, match=r"data\.val_augmentation: transform entry 'hflip'"):
         load_train_config(None, ["data.val_augmentation=[hflip]"])
+
+
+def test_a_validation_pipeline_that_resizes_is_refused() -> None:
+    """Validation predictions are scored against the annotations at the original size."""
+    with pytest.raises(ValueError, match=r"data\.val_augmentation: 'resize' would score"):
+        load_train_config(None, ["data.val_augmentation=[{name: resize, min_size: 128}]"])

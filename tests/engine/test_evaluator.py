@@ -16,6 +16,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from maskrcnn.engine.coco_results import prediction_to_coco
 from maskrcnn.engine.evaluator import CocoEvaluator, _category_names, resolve_backend
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -409,6 +410,24 @@ def test_bad_inputs_raise(coco_gt: dict) -> None:
         evaluator.update([pred], [404])
     with pytest.raises(ValueError, match=r"labels \[9\]"):
         evaluator.update([{**pred, "labels": torch.tensor([9])}], [1])
+    # Results converted elsewhere (gathered from other processes) get the same checks: a
+    # resized image's masks would otherwise score an AP of 0 without a word.
+    results = prediction_to_coco(pred, 1, LABEL_TO_CAT)
+    with pytest.raises(ValueError, match="masks are 10x10"):
+        evaluator.add_results(results, [1])
+    with pytest.raises(ValueError, match=r"image ids \[404\] are not in the ground truth"):
+        evaluator.add_results([], [1, 404])
+
+
+def test_box_only_annotations_get_their_area_from_the_box() -> None:
+    gt = {"images": [{"id": 1, "height": 40, "width": 50}],
+          "categories": [{"id": 1, "name": "a"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 15]}]}
+    evaluator = CocoEvaluator(gt, iou_types=("bbox",))
+    box = {"boxes": torch.tensor([[5.0, 5, 25, 20]]), "labels": torch.tensor([1]),
+           "scores": torch.ones(1)}
+    evaluator.update([box], [1])
+    assert evaluator.compute()["bbox"]["AP"] == pytest.approx(1.0)
 
 
 def test_falls_back_to_pycocotools(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -115,8 +115,15 @@ class GroupedBatchSampler(Sampler[list[int]]):
             if len(buffers[group]) == self.batch_size:
                 yield buffers.pop(group)
                 emitted += 1
-        # Leftovers hold < batch_size each, so there are always enough of them to reach len().
         leftovers = sorted((b for b in buffers.values() if b), key=len, reverse=True)
+        if not self.drop_last:
+            # Every index exactly once, as BatchSampler gives them: the leftovers of all
+            # groups in turn (only these last batches may mix orientations).
+            rest = [i for buffer in leftovers for i in buffer]
+            for start in range(0, len(rest), self.batch_size):
+                yield rest[start:start + self.batch_size]
+            return
+        # Leftovers hold < batch_size each, so there are always enough of them to reach len().
         for buffer, _ in zip(leftovers, range(len(self) - emitted), strict=False):
             yield self._top_up(buffer, seen[self.group_ids[buffer[0]]])
 
@@ -190,6 +197,12 @@ def build_loader(
         batch_sampler = GroupedBatchSampler(sampler, groups, batch_size, drop_last)
     else:
         batch_sampler = BatchSampler(sampler, batch_size, drop_last)
+    if drop_last and len(batch_sampler) == 0:  # training would wait for a batch forever
+        images = len(sampler)  # type: ignore[arg-type]
+        raise ValueError(
+            f"{images} images per process, fewer than batch_size={batch_size}: no full batch "
+            "to train on (lower data.batch_size or add images)"
+        )
     generator = torch.Generator()
     generator.manual_seed(seed + getattr(sampler, "rank", 0))
     return DataLoader(

@@ -62,6 +62,9 @@ def load_ground_truth(coco_gt: Mapping[str, Any] | str | Path) -> dict[str, Any]
         ann.setdefault("iscrowd", 0)
         if "area" in ann and "bbox" in ann:
             continue
+        if not ann.get("segmentation") and "bbox" in ann:  # a box-only annotation
+            ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
+            continue
         img = images[ann["image_id"]]
         rle = _to_rle(ann["segmentation"], img["height"], img["width"])
         ann.setdefault("area", float(mask_utils.area(rle)))
@@ -264,28 +267,36 @@ class CocoEvaluator:
             results = prediction_to_coco(
                 prediction, image_id, self.label_to_cat_id, with_masks="segm" in self.iou_types
             )
-            self._check_mask_size(results, image_id)
+            self._check_mask_sizes(results)
             self._results.extend(results)
             self._image_ids.append(image_id)
         self._metrics = None
 
-    def _check_mask_size(self, results: list[dict[str, Any]], image_id: int) -> None:
-        expected = list(self._image_sizes[image_id])
-        sizes = {tuple(r["segmentation"]["size"]) for r in results if "segmentation" in r}
-        for size in sizes:
-            if list(size) != expected:
+    def _check_mask_sizes(self, results: Sequence[dict[str, Any]]) -> None:
+        """Masks must be at their ground-truth image's size (predictions of a resized image
+        would be scored against the original's objects, and give a wrong AP)."""
+        for r in results:
+            if "segmentation" not in r:
+                continue
+            size, expected = list(r["segmentation"]["size"]), list(self._image_sizes[r["image_id"]])
+            if size != expected:
                 raise ValueError(
-                    f"image {image_id}: masks are {size[0]}x{size[1]}, "
+                    f"image {r['image_id']}: masks are {size[0]}x{size[1]}, "
                     f"the ground-truth image is {expected[0]}x{expected[1]}"
                 )
 
     def add_results(self, results: Sequence[dict[str, Any]], image_ids: Sequence[int]) -> None:
         """Adds COCO results already converted (e.g. gathered from other processes) for
         ``image_ids``; results of an image already seen are ignored."""
+        unknown = [int(i) for i in image_ids if int(i) not in self._image_sizes]
+        if unknown:
+            raise ValueError(f"image ids {unknown[:5]} are not in the ground truth")
         seen = set(self._image_ids)
         fresh = [int(i) for i in dict.fromkeys(image_ids) if int(i) not in seen]
         keep = set(fresh)
-        self._results.extend(r for r in results if r["image_id"] in keep)
+        kept = [r for r in results if r["image_id"] in keep]
+        self._check_mask_sizes(kept)
+        self._results.extend(kept)
         self._image_ids.extend(fresh)
         self._metrics = None
 
