@@ -87,6 +87,17 @@ def _random_shape(rng: np.random.Generator, size: int) -> _Shape:
     return _Shape(category_id, _rasterize_polygon(polygon, size), polygon, colour)
 
 
+def _drawable_shape(rng: np.random.Generator, size: int) -> _Shape:
+    """A shape big enough to be kept when nothing hides it: in small images (under 32 px) a
+    shape can rasterise to fewer than ``_MIN_VISIBLE_PIXELS`` and an image meant to hold
+    objects would hold none. From 64 px on no shape is redrawn (the data are unchanged)."""
+    for _ in range(100):
+        shape = _random_shape(rng, size)
+        if shape.mask.sum() >= _MIN_VISIBLE_PIXELS:
+            return shape
+    raise ValueError(f"images of {size} px are too small for shapes of {_MIN_VISIBLE_PIXELS} px")
+
+
 def _encode(mask: np.ndarray) -> dict[str, Any]:
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
@@ -114,7 +125,7 @@ def _render(rng: np.random.Generator, size: int, n_objects: int) -> tuple[np.nda
     the kept instances are disjoint.
     """
     image = _background(rng, size)
-    shapes = [_random_shape(rng, size) for _ in range(n_objects)]
+    shapes = [_drawable_shape(rng, size) for _ in range(n_objects)]
     covered = np.zeros((size, size), dtype=bool)
     annotations: list[dict[str, Any]] = []
     # Walk front to back: what the later shapes cover is hidden from the earlier ones.
