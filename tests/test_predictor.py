@@ -91,6 +91,20 @@ def test_16_bit_grey_pil_image_keeps_its_top_8_bits_as_a_path_does(tmp_path: Pat
     assert from_pil[0, 0].tolist() == pytest.approx([0.0, 128 / 255, 128 / 255, 1.0])
 
 
+def test_a_pil_image_is_turned_upright_as_a_path_is(tmp_path: Path) -> None:
+    """Orientation 6 (a phone held upright): stored 2x3, displayed 3x2; the prediction of
+    the opened PIL image must be in the coordinates of the path's."""
+    pixels = np.zeros((2, 3, 3), dtype=np.uint8)
+    pixels[0, 0] = (255, 0, 0)
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "rot.png", exif=exif)
+    from_pil = to_float_image(Image.open(tmp_path / "rot.png"))
+    assert from_pil.shape == (3, 3, 2) and from_pil[:, 0, 1].tolist() == [1.0, 0.0, 0.0]
+    assert torch.equal(from_pil, to_float_image(tmp_path / "rot.png"))
+
+
 def test_a_list_is_batched_and_matches_single_images(run: Path, predictor: Predictor) -> None:
     paths = _images(run)[:3]
     batched = _many(predictor(paths, batch_size=2))

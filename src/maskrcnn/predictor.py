@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 
 from maskrcnn.config import ModelConfig, from_dict
-from maskrcnn.data.image_io import read_image, to_rgb
+from maskrcnn.data.image_io import read_image, to_rgb, upright
 from maskrcnn.engine.checkpoint import CheckpointError, load_checkpoint
 from maskrcnn.engine.coco_results import prediction_to_coco
 from maskrcnn.model.mask_rcnn import MaskRCNN
@@ -34,12 +34,14 @@ def to_float_image(image: ImageInput) -> Tensor:
     """A path, PIL image, (H, W[, C]) numpy array (uint8, or float in [0, 1]) or (3, H, W)
     or (1, H, W) tensor (uint8, or float in [0, 1]) → (3, H, W) float32 in [0, 1], on the CPU
     unless the tensor given was elsewhere. Grey images become RGB; an alpha channel is
-    dropped; 16-bit grey keeps its top 8 bits, whether given as a path or a PIL image."""
+    dropped; 16-bit grey keeps its top 8 bits and EXIF orientation is applied, whether given
+    as a path or a PIL image."""
     if isinstance(image, (str, Path)):
         return read_image(image).float() / 255
     if isinstance(image, Image.Image):
-        # The conversion of read_image: PIL's own convert("RGB") saturates 16-bit grey.
-        image = np.asarray(to_rgb(image))
+        # As read_image reads a file: upright by its EXIF orientation, and converted without
+        # PIL's own convert("RGB"), which saturates 16-bit grey.
+        image = np.asarray(to_rgb(upright(image)))
     if isinstance(image, np.ndarray):
         array = image[..., None] if image.ndim == 2 else image
         if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):

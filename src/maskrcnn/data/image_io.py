@@ -45,6 +45,14 @@ def _check_file(path: Path) -> None:
         raise DatasetError(f"{path}: image file is empty (0 bytes)")
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` as it is displayed: turned by its EXIF orientation (a transposed copy), or
+    ``img`` itself when it has none."""
+    if img.getexif().get(_EXIF_ORIENTATION_TAG, 1) != 1:
+        return ImageOps.exif_transpose(img)
+    return img
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Converts any PIL mode to 8-bit RGB.
 
@@ -88,10 +96,7 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> t
         _check_pixels(path, img.size, max_pixels)
         # load() inside the guard: a truncated file opens fine and fails only on decoding.
         img.load()
-        upright: Image.Image = img
-        if img.getexif().get(_EXIF_ORIENTATION_TAG, 1) != 1:
-            upright = ImageOps.exif_transpose(img)  # a transposed copy
-        array = np.array(to_rgb(upright), dtype=np.uint8)
+        array = np.array(to_rgb(upright(img)), dtype=np.uint8)
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
