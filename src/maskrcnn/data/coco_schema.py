@@ -233,8 +233,8 @@ def escapes_root(file_name: str) -> bool:
     Any ``..`` counts, even ``a/../b``: the OS resolves ``..`` after following a symbolic link,
     so ``link/../x`` may leave the root although it looks as if it stayed.
     """
-    return bool(file_name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", file_name)
-                or ".." in re.split(r"[\\/]", file_name))
+    name = posix_file_name(file_name)
+    return bool(name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in name.split("/"))
 
 
 def _category_problems(categories: list[Any]) -> Generator[Problem, None, set[int]]:

@@ -44,10 +44,9 @@ class ConvFrozenBN(nn.Conv2d):
         return bn is not None and self.training and bn.training
 
     def forward(self, x: Tensor) -> Tensor:
-        bn = self.__dict__.get("norm")
-        if bn is None or not self.applies_norm():
+        if not self.applies_norm():
             return super().forward(x)
-        scale, shift = affine_of(bn)
+        scale, shift = affine_of(self.__dict__["norm"])
         weight = self.weight * scale.reshape(-1, 1, 1, 1)
         bias = shift if self.bias is None else self.bias * scale + shift
         return self._conv_forward(x, weight, bias)
