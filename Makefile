@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/maskrcnn train
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
 test: lint

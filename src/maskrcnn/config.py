@@ -20,6 +20,7 @@ import yaml
 
 T = TypeVar("T")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "vgg16")
+NORMS = ("frozen", "bn", "syncbn", "gn")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class ModelConfig:
     backbone: str = "resnet50"
     backbone_weights: str | None = None
     trainable_backbone_layers: int = 3
+    # Normalisation in the trainable backbone stages: frozen (FrozenBatchNorm2d, torchvision's
+    # choice), bn (BatchNorm2d, batch statistics in training), syncbn (bn, synchronised
+    # across processes on CUDA), gn (GroupNorm). Frozen stages always keep frozen norms.
+    norm: str = "frozen"
     fpn_channels: int = 256
     # pre-processing (GeneralizedRCNNTransform)
     min_size: int | tuple[int, ...] = 800
@@ -82,6 +87,13 @@ class ModelConfig:
         if self.num_classes < 2:
             raise ValueError(
                 f"num_classes must count the background too (>= 2), got {self.num_classes}"
+            )
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
+        if self.norm != "frozen" and self.backbone == "vgg16":
+            raise ValueError(
+                f"norm={self.norm!r}: vgg16 has no normalisation layers to change; "
+                "model.norm applies to the resnet and mobilenet_v2 backbones"
             )
         if not 0 <= self.trainable_backbone_layers <= 5:
             raise ValueError(

