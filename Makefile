@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install dev demo test test-slow lint bench clean
+.PHONY: install dev demo test test-slow lint bench bench-accuracy clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,11 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/maskrcnn bench
+
+# Accuracy on real photos, ours beside torchvision trained the same way (docs/training.md):
+# make bench-accuracy ACCURACY_ARGS="--train-json T.json --train-images DIR --val-json V.json --val-images DIR"
+bench-accuracy: $(STAMP)
+	$(BIN)/python benchmarks/accuracy.py $(ACCURACY_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

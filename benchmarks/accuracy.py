@@ -189,10 +189,13 @@ def shared_config(data: list[str], settings: list[str], out: Path, seed: int) ->
 
 
 def recipe_config(recipe: str, data: list[str], out: Path, seed: int, iters: int) -> TrainConfig:
-    """``recipe`` for ``iters`` iterations, its schedule (steps, warm-up) scaled to them."""
-    base = load_train_config(recipe_path(recipe))
+    """``recipe`` (with the overrides ``data``) for ``iters`` iterations, its schedule (decay
+    steps, warm-up) scaled to them."""
+    base = load_train_config(recipe_path(recipe), data)
     scale = iters / base.solver.max_iter
     steps = ",".join(str(max(1, round(s * scale))) for s in base.solver.steps)
+    if base.solver.schedule == "cosine":
+        steps = ""  # no decay steps: the cosine reaches 0 at max_iter
     warmup = min(base.solver.warmup_iters, max(1, iters // 5))
     return load_train_config(
         recipe_path(recipe),
@@ -250,12 +253,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log.warning("%s run %d: %s", name, repeat, results[name][-1])
         if "recipe" not in args.contenders:
             continue
-        budget = (results["torchvision"] or results["ours"])[-1]["train_s"]
+        recipe_data = [*data, *args.recipe_set]
         iters = args.recipe_iters
         if iters is None:
-            probe = recipe_config(args.recipe, data, out / "probe", seed, 10)
+            budget = args.budget_s or (results["torchvision"] or results["ours"])[-1]["train_s"]
+            probe = recipe_config(args.recipe, recipe_data, out / "probe", seed, 10)
             iters = max(1, int(budget / seconds_per_iteration(probe)))
-        cfg = recipe_config(args.recipe, data, out / f"recipe_{repeat}", seed, iters)
+        cfg = recipe_config(args.recipe, recipe_data, out / f"recipe_{repeat}", seed, iters)
         results["recipe"].append(train_and_score(cfg, None))
         log.warning("recipe run %d: %s", repeat, results["recipe"][-1])
     report = {
@@ -297,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="finetune_small")
     parser.add_argument("--recipe-iters", type=int, default=None,
                         help="iterations of the recipe (default: as many as fit the budget)")
+    parser.add_argument("--recipe-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override of the recipe alone (ablations); repeatable")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="the recipe's training time (default: torchvision's in this run)")
     parser.add_argument("--contenders", default="torchvision,ours,recipe",
                         help="comma-separated subset of torchvision,ours,recipe")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -157,3 +157,23 @@ def test_norm_choices_are_checked() -> None:
         ModelConfig(norm="batchnorm")
     with pytest.raises(ValueError, match="vgg16 has no normalisation layers"):
         ModelConfig(backbone="vgg16", norm="bn")
+
+
+@pytest.mark.parametrize("norm", ["frozen", "bn", "syncbn", "gn"])
+def test_state_dict_round_trip_of_each_norm(norm: str) -> None:
+    cfg = ModelConfig(backbone="mobilenet_v2", norm=norm, num_classes=3, **SMALL)
+    torch.manual_seed(0)
+    trained = MaskRCNN(cfg)
+    with torch.no_grad():  # as if training had moved every norm away from its start
+        for m in trained.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, FrozenBatchNorm2d)):
+                m.weight.mul_(1.1)
+    torch.manual_seed(1)
+    fresh = MaskRCNN(cfg)
+    fresh.load_state_dict(trained.state_dict())  # strict
+    image = [torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(3))]
+    with torch.no_grad():
+        a, b = trained.eval()(image)[0], fresh.eval()(image)[0]
+    torch.testing.assert_close(a["scores"], b["scores"])
+    keys = trained.state_dict().keys()
+    assert any(k.endswith("num_batches_tracked") for k in keys) == (norm in ("bn", "syncbn"))

@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +131,7 @@ class Trainer:
         )
         return training_loader(base, self.cfg.run.seed, d.on_bad_sample == "skip")
 
-    def batches(self) -> Iterator[tuple[list[Tensor], list[dict[str, Any]]]]:
+    def batches(self) -> Generator[tuple[list[Tensor], list[dict[str, Any]]], None, None]:
         """Micro-batches forever, epoch after epoch, starting where a resumed run stopped."""
         sampler = self.loader.batch_sampler
         while True:
@@ -150,9 +150,10 @@ class Trainer:
         s, r = self.cfg.solver, self.cfg.run
         self.model.train()
         stream = self.batches()
-        # As a context, the bar ends its line before an error is printed.
+        # As a context, the bar ends its line before an error is printed; closing the stream
+        # shuts the loader's workers down here rather than whenever the iterator is collected.
         with tqdm(total=s.max_iter, initial=self.iteration, desc="train", dynamic_ncols=True,
-                  disable=not self.show_progress) as bar:
+                  disable=not self.show_progress) as bar, contextlib.closing(stream):
             while self.iteration < s.max_iter:
                 lr = self.optimizer.param_groups[0]["lr"]  # this step's, before it moves
                 losses = self.step(stream)
