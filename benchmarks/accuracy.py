@@ -241,11 +241,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, list[dict[str, Any]]] = {"torchvision": [], "ours": [], "recipe": []}
     for repeat in range(args.repeats):
         seed = args.seed + repeat
-        cfg = shared_config(data, args.settings, out / f"shared_{repeat}", seed)
-        model_cfg = resolve_model_config(cfg.model, class_names)
         for name in ("torchvision", "ours"):
             if name not in args.contenders:
                 continue
+            cfg = shared_config(data, args.settings, out / f"{name}_{repeat}", seed)
+            model_cfg = resolve_model_config(cfg.model, class_names)
             torch.manual_seed(seed)
             ours = MaskRCNN(model_cfg)
             net = torchvision_twin(ours) if name == "torchvision" else ours

@@ -323,6 +323,17 @@ def test_usage_mistakes_are_one_line_errors_before_any_work(
     with pytest.raises(SystemExit):
         main(["predict", ckpt, str(folder), "--out", str(tmp_path / "o"), "--batch-size", "x"])
     assert "argument --batch-size: 'x' is not a whole number" in capsys.readouterr().err
+    for bad in ("nan", "inf", "1.5", "-0.1"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["predict", ckpt, str(folder), "--out", str(tmp_path / "o"),
+                  "--score-thresh", bad])
+        assert exit_info.value.code == 2
+        assert f"--score-thresh: must be a number in [0, 1], got {bad}" in (
+            capsys.readouterr().err
+        )
+    with pytest.raises(SystemExit):
+        main(["export", ckpt, "--out", str(tmp_path / "m.onnx"), "--score-thresh", "nan"])
+    assert "--score-thresh: must be a number in [0, 1], got nan" in capsys.readouterr().err
 
 
 def test_a_folder_without_images_is_reported(tmp_path: Path) -> None:

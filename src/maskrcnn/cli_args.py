@@ -30,3 +30,14 @@ def positive_floats(text: str) -> tuple[float, ...]:
             raise argparse.ArgumentTypeError(f"values must be finite and above 0, got {value}")
         values.append(value)
     return tuple(values)
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1] (a score threshold): NaN, infinities and values outside are errors."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:  # also false for NaN
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
+    return value

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from maskrcnn.cli_args import probability
 from maskrcnn.engine.checkpoint import CheckpointError
 
 FORMATS = ("onnx", "torch-export")
@@ -81,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--opset", type=_opset, default=18, metavar="N",
                    help="ONNX opset, 18 or later (default 18, what torch's exporter writes "
                    "natively); the export fails if the file would have another")
-    p.add_argument("--score-thresh", type=float, default=0.5, metavar="T",
+    p.add_argument("--score-thresh", type=probability, default=0.5, metavar="T",
                    help="score threshold suggested in the metadata (default 0.5); the "
                    "model's own box_score_thresh applies inside the graph")
     p.set_defaults(func=_run_export)

@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor
 from tqdm import tqdm
 
-from maskrcnn.cli_args import positive_floats, positive_int
+from maskrcnn.cli_args import positive_floats, positive_int, probability
 from maskrcnn.data.coco import CocoDataset
 from maskrcnn.data.errors import DatasetError
 from maskrcnn.engine.checkpoint import CheckpointError
@@ -248,7 +248,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _add_common(p)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--score-thresh", type=float, default=None, metavar="T",
+    p.add_argument("--score-thresh", type=probability, default=None, metavar="T",
                    help="keep detections scoring at least T (default: with --backend "
                    "onnxruntime the score_thresh stored in the file by `maskrcnn export`, "
                    "else 0.5)")
