@@ -336,6 +336,20 @@ def test_usage_mistakes_are_one_line_errors_before_any_work(
     assert "--score-thresh: must be a number in [0, 1], got nan" in capsys.readouterr().err
 
 
+def test_inputs_matching_nothing_leave_earlier_results_alone(
+    run: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "p"
+    ckpt = str(run / "last.pth")
+    assert main(["predict", ckpt, str(folder), "--out", str(out)]) == 0
+    before = (out / "predictions.json").read_text()
+    assert json.loads(before)["images"]
+    capsys.readouterr()
+    assert main(["predict", ckpt, str(tmp_path / "nothing*.jpg"), "--out", str(out)]) == 1
+    assert "no image to predict" in capsys.readouterr().err
+    assert (out / "predictions.json").read_text() == before
+
+
 def test_a_folder_without_images_is_reported(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no pictures here")

@@ -87,14 +87,17 @@ def _run_predict(args: argparse.Namespace) -> int:
         predictor = load_predictor(args, score_thresh, optimize=fast_from_args(args))
     if predictor is None:
         return 1
+    files, skipped = find_images(args.inputs)
+    for s in skipped:
+        print(f"skipped {s.file_name}: {s.reason}", file=sys.stderr)
     out = Path(args.out)
+    if not files:  # nothing to do: an earlier run's results in --out stay as they are
+        print(f"error: no image to predict; {out} is left as it was", file=sys.stderr)
+        return 1
     problem = prepare_out(out)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    files, skipped = find_images(args.inputs)
-    for s in skipped:
-        print(f"skipped {s.file_name}: {s.reason}", file=sys.stderr)
     writer = PredictionWriter(predictor, out, overlay_names(files) if args.overlays else None)
     # predictions.json is written however the loop ends (Ctrl-C included): the results of
     # the images done so far are never lost.
