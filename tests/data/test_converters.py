@@ -157,12 +157,40 @@ def test_yolo_names_from_argument_classes_txt_or_default(tmp_path: Path) -> None
     ("0 0.1 0.1 0.2", r"a\.txt:1: a polygon needs an even number"),
     ("0 0.1 0.1 0.2 0.2 0.3", r"a\.txt:1: a polygon needs an even number"),
     ("x 0.1 0.1 0.2 0.2 0.3 0.3", r"a\.txt:1: not 'class x1 y1"),
+    ("0 nan 0.1 0.5 0.1 0.5 0.5", r"a\.txt:1: coordinates must be finite"),
+    ("0 0.1 inf 0.5 0.1 0.5 0.5", r"a\.txt:1: coordinates must be finite"),
+    ("99999999999 0.1 0.1 0.5 0.1 0.5 0.5", r"a\.txt:1: class index 99999999999 is outside"),
+    ("-1 0.1 0.1 0.5 0.1 0.5 0.5", r"a\.txt:1: class index -1 is outside"),
 ])
 def test_yolo_bad_lines_name_file_and_line(tmp_path: Path, line: str, pattern: str) -> None:
     root = _yolo_root(tmp_path)
     (root / "labels" / "a.txt").write_text(line + "\n")
     with pytest.raises(DatasetError, match=pattern):
         yolo_seg_to_coco(root, tmp_path / "o.json")
+
+
+def test_yolo_far_out_coordinates_are_clipped_and_bad_names_refused(tmp_path: Path) -> None:
+    root = _yolo_root(tmp_path)
+    (root / "labels" / "a.txt").write_text("0 -1e7 -1e7 1e7 -1e7 1e7 1e7 -1e7 1e7\n")
+    coco = json.loads(yolo_seg_to_coco(root, tmp_path / "o.json").read_text())
+    first = _by_id(coco)[1]  # the whole 100 x 50 image
+    assert first["bbox"] == [0.0, 0.0, 100.0, 50.0] and first["area"] == 100 * 50
+    (root / "data.yaml").write_text("names: 42\n")
+    with pytest.raises(DatasetError, match=r"data\.yaml: 'names' must be a list or a mapping"):
+        yolo_seg_to_coco(root, tmp_path / "o.json")
+
+
+def test_labelme_non_finite_or_far_out_points(tmp_path: Path) -> None:
+    _image(tmp_path / "one.png", 60, 40)
+    _labelme(tmp_path / "one.json", "one.png",
+             [_shape("x", [[math.nan, 1], [50, 5], [30, 40]])])
+    with pytest.raises(DatasetError, match=r"one\.json: shape 0: coordinates must be finite"):
+        labelme_to_coco(tmp_path, tmp_path / "out.json")
+    _labelme(tmp_path / "one.json", "one.png",
+             [_shape("x", [[-1e9, -1e9], [1e9, -1e9], [1e9, 1e9], [-1e9, 1e9]])])
+    coco = json.loads(labelme_to_coco(tmp_path, tmp_path / "out.json").read_text())
+    (ann,) = coco["annotations"]
+    assert ann["bbox"] == [0.0, 0.0, 60.0, 40.0] and ann["area"] == 60 * 40
 
 
 def test_yolo_missing_folders_or_files(tmp_path: Path) -> None:

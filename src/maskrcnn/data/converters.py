@@ -30,8 +30,32 @@ _CIRCLE_POINTS = 32  # LabelMe circles become regular 32-gons
 _NON_REGION_SHAPES = frozenset({"line", "linestrip", "point", "points"})
 
 
+MAX_CLASSES = 100_000  # a class index beyond it is a corrupt line, not a class
+
+
+def _finite_polygon(values: list[float], where: str) -> list[float]:
+    """``values`` as floats; NaN or infinite coordinates are a DatasetError naming ``where``
+    (rasterising them loops or allocates without bound)."""
+    try:
+        polygon = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise DatasetError(f"{where}: coordinates must be numbers, got {values[:6]}") from None
+    if not all(math.isfinite(v) for v in polygon):
+        raise DatasetError(f"{where}: coordinates must be finite numbers, got {values[:6]}")
+    return polygon
+
+
+def _clip_polygon(polygon: list[float], height: int, width: int) -> list[float]:
+    """Vertices moved inside the image (x in [0, width], y in [0, height]), as the loader
+    does: a point far outside would make the rasteriser walk an edge millions of pixels long."""
+    return [min(max(v, 0.0), float(width if k % 2 == 0 else height))
+            for k, v in enumerate(polygon)]
+
+
 def _polygon_annotation(polygons: list[list[float]], height: int, width: int) -> dict[str, Any]:
-    """COCO fields for one instance made of polygons (flat ``[x1, y1, ...]``, pixels)."""
+    """COCO fields for one instance made of polygons (flat ``[x1, y1, ...]``, pixels, finite),
+    clipped to the image."""
+    polygons = [_clip_polygon(p, height, width) for p in polygons]
     xs = [v for p in polygons for v in p[0::2]]
     ys = [v for p in polygons for v in p[1::2]]
     x0, y0 = max(0.0, min(xs)), max(0.0, min(ys))
@@ -95,6 +119,10 @@ def _labelme_polygon(shape: dict[str, Any], where: str) -> list[float] | None:
         return None
     if not isinstance(points, list) or not all(len(p) == 2 for p in points):
         raise DatasetError(f"{where}: 'points' must be a list of [x, y]")
+    if not all(isinstance(p, (list, tuple)) for p in points):
+        raise DatasetError(f"{where}: 'points' must be a list of [x, y]")
+    flat = _finite_polygon([v for p in points for v in p], where)
+    points = [flat[i : i + 2] for i in range(0, len(flat), 2)]
     if kind == "rectangle" and len(points) == 2:
         (xa, ya), (xb, yb) = points
         x0, x1, y0, y1 = min(xa, xb), max(xa, xb), min(ya, yb), max(ya, yb)
@@ -207,6 +235,9 @@ def _yolo_names(root: Path) -> list[str] | None:
             raise DatasetError(f"{root / 'data.yaml'}: cannot read 'names' ({e})") from e
         if isinstance(names, dict):
             return [str(names[k]) for k in sorted(names)]
+        if not isinstance(names, list):
+            raise DatasetError(f"{root / 'data.yaml'}: 'names' must be a list or a mapping of "
+                               f"class names, got {names!r}")
         return [str(n) for n in names]
     if (root / "classes.txt").is_file():
         lines = (root / "classes.txt").read_text(encoding="utf-8").splitlines()
@@ -221,8 +252,9 @@ def _yolo_line(line: str, where: str, height: int, width: int) -> tuple[int, lis
         cls, coords = int(tokens[0]), [float(v) for v in tokens[1:]]
     except ValueError as e:
         raise DatasetError(f"{where}: not 'class x1 y1 x2 y2 ...' ({e})") from e
-    if cls < 0:
-        raise DatasetError(f"{where}: negative class index {cls}")
+    if not 0 <= cls < MAX_CLASSES:
+        raise DatasetError(f"{where}: class index {cls} is outside [0, {MAX_CLASSES})")
+    coords = _finite_polygon(coords, where)
     if len(coords) == 4:  # detection-style line: cx cy w h
         cx, cy, w, h = coords
         coords = [cx - w / 2, cy - h / 2, cx + w / 2, cy - h / 2,
