@@ -65,3 +65,13 @@ def test_skip_logs_skips_and_counts_the_corrupt_image(
     skipped = [r.getMessage() for r in caplog.records if "skipped sample" in r.getMessage()]
     assert len(skipped) == 1
     assert f"image id {BAD_ID}:" in skipped[0] and str(bad) in skipped[0]
+
+
+def test_skip_stops_when_every_image_is_bad(tmp_path: Path) -> None:
+    root = tmp_path / "all_bad"
+    ann = make_synthetic_coco(root, 4, size=64, seed=3)
+    for image in json.loads(ann.read_text())["images"]:
+        (root / image["file_name"]).write_bytes(b"not an image")
+    cfg = tiny_config(tmp_path, *_data(ann), "data.on_bad_sample=skip", "data.num_workers=0")
+    with pytest.raises(DatasetError, match=r"every training image of epoch 0 was skipped"):
+        Trainer(cfg, show_progress=False).train()

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from maskrcnn.config import DataConfig, TrainConfig, to_dict
+from maskrcnn.data.errors import DatasetError
 from maskrcnn.data.loader import build_loader
 from maskrcnn.engine.batches import training_loader
 from maskrcnn.engine.build import (
@@ -136,13 +137,21 @@ class Trainer:
         sampler = self.loader.batch_sampler
         while True:
             sampler.set_epoch(self.epoch, skip=self.batch_in_epoch)  # type: ignore[union-attr]
+            start, used = self.batch_in_epoch, 0
             for images, targets, bad in self.loader:
                 self.batch_in_epoch += 1
                 for sample in bad:
                     self.skipped_samples += 1
                     log.warning("skipped sample %d: %s", sample.index, sample.message)
                 if images:
+                    used += 1
                     yield images, targets
+            if start == 0 and not used:  # a whole epoch skipped: the next ones would be too
+                raise DatasetError(
+                    f"{self.cfg.data.train_json}: every training image of epoch {self.epoch} "
+                    f"was skipped as unreadable ({self.skipped_samples} skipped samples in "
+                    "all; see the warnings above); nothing can be trained on"
+                )
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     def train(self) -> dict[str, Any]:
