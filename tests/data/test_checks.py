@@ -83,6 +83,17 @@ def test_image_problems(tmp_path: Path) -> None:
     assert _codes(again)["missing_image"] == [(5, None)]
 
 
+def test_images_over_the_loader_pixel_limit_are_errors(tmp_path: Path) -> None:
+    _png(tmp_path / "x.png")  # 30 x 20 = 600 pixels
+    path = _write(tmp_path, [_img(1, "x.png")], [_ann(1)])
+    assert check_dataset(path).ok  # the loader's default limit: 89.5 megapixels
+    report = check_dataset(path, max_image_pixels=599)
+    assert _codes(report) == {"image_too_large": [(1, None)]}
+    assert "30x20 (WxH) is 0.0 megapixels, more than the loader's limit" in (
+        report.findings[0].message
+    )
+
+
 def test_path_outside_root_is_an_error_as_the_dataset_refuses_it(tmp_path: Path) -> None:
     _png(tmp_path / "outside.png")
     _png(tmp_path / "root" / "in.png")

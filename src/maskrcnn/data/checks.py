@@ -20,7 +20,13 @@ from maskrcnn.data.coco_schema import (
     posix_file_name,
 )
 from maskrcnn.data.errors import DatasetError
-from maskrcnn.data.image_io import index_by_basename, is_file, read_image_size, swapped_hint
+from maskrcnn.data.image_io import (
+    MAX_IMAGE_PIXELS,
+    index_by_basename,
+    is_file,
+    read_image_size,
+    swapped_hint,
+)
 
 Severity = Literal["error", "warning"]
 # Annotation tools round coordinates, so a polygon or box may overshoot the border a little.
@@ -161,12 +167,18 @@ def _missing_image_finding(img: dict[str, Any], root: Path, found: list[Path]) -
     return Finding("error", "missing_image", message, img["id"], file=img["file_name"])
 
 
-def _size_finding(img: dict[str, Any], path: Path) -> Finding | None:
+def _size_finding(img: dict[str, Any], path: Path, max_pixels: int | None) -> Finding | None:
     try:
         height, width = read_image_size(path)
     except DatasetError as e:
         return Finding("error", "unreadable_image", f"image id {img['id']}: {e}", img["id"],
                        file=img["file_name"])
+    if max_pixels is not None and height * width > max_pixels:
+        return Finding("error", "image_too_large",
+                       f"image id {img['id']}: {width}x{height} (WxH) is "
+                       f"{width * height / 1e6:.1f} megapixels, more than the loader's limit of "
+                       f"{max_pixels / 1e6:.1f}; downscale the file or raise the limit "
+                       "(data.max_image_pixels)", img["id"], file=img["file_name"])
     if (height, width) == (img["height"], img["width"]):
         return None
     return Finding("error", "size_mismatch",
@@ -188,7 +200,8 @@ def _outside_root_finding(img: dict[str, Any], allowed: bool) -> Finding:
 
 
 def _image_findings(
-    images: list[dict[str, Any]], root: Path, search_subfolders: bool, allow_outside_root: bool
+    images: list[dict[str, Any]], root: Path, search_subfolders: bool, allow_outside_root: bool,
+    max_pixels: int | None,
 ) -> Iterator[Finding]:
     for img in images:
         if escapes_root(img["file_name"]):
@@ -208,7 +221,7 @@ def _image_findings(
         readable.append((img, path))
     # Header reads are I/O-bound; threads overlap them on slow or network disks.
     with ThreadPoolExecutor(max_workers=8) as pool:
-        results = pool.map(lambda item: _size_finding(*item), readable)
+        results = pool.map(lambda item: _size_finding(item[0], item[1], max_pixels), readable)
         yield from (f for f in results if f is not None)
 
 
@@ -315,6 +328,7 @@ def check_dataset(
     image_root: str | Path | None = None,
     search_subfolders: bool = False,
     allow_outside_root: bool = False,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> CheckReport:
     """Checks a COCO instance-segmentation dataset without decoding any image.
 
@@ -323,7 +337,8 @@ def check_dataset(
     the structure is sound. With ``search_subfolders``, images found by basename elsewhere
     under the root (as ``CocoDataset(search_subfolders=True)`` finds them) are not errors.
     A ``file_name`` that is absolute or has a ``..`` part is an error, as ``CocoDataset``
-    refuses it, unless ``allow_outside_root`` (then a warning). Counts and class statistics
+    refuses it, unless ``allow_outside_root`` (then a warning). An image of more than
+    ``max_image_pixels`` pixels (the loader's limit) is an error. Counts and class statistics
     come from the raw JSON, whatever its defects.
     """
     ann_file = Path(ann_file)
@@ -348,6 +363,6 @@ def check_dataset(
     data = {**data, "annotations": [a for a in data.get("annotations", [])
                                     if a["id"] not in bad]}
     report.findings += _image_findings(data["images"], root, search_subfolders,
-                                       allow_outside_root)
+                                       allow_outside_root, max_image_pixels)
     report.findings += _annotation_findings(data)
     return report
