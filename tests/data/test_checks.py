@@ -88,10 +88,11 @@ def test_images_over_the_loader_pixel_limit_are_errors(tmp_path: Path) -> None:
     path = _write(tmp_path, [_img(1, "x.png")], [_ann(1)])
     assert check_dataset(path).ok  # the loader's default limit: 89.5 megapixels
     report = check_dataset(path, max_image_pixels=599)
-    assert _codes(report) == {"image_too_large": [(1, None)]}
-    assert "30x20 (WxH) is 0.0 megapixels, more than the loader's limit" in (
-        report.findings[0].message
-    )
+    assert _codes(report)["image_too_large"] == [(1, None)]
+    assert [f.message for f in report.errors] == [
+        "image id 1: 30x20 (WxH) is 0.0 megapixels, more than the loader's limit of 0.0; "
+        "downscale the file or raise the limit (data.max_image_pixels)"
+    ]
 
 
 def test_path_outside_root_is_an_error_as_the_dataset_refuses_it(tmp_path: Path) -> None:
