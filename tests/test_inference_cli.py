@@ -255,6 +255,39 @@ def test_eval_reports_ap_and_writes_metrics(
             assert metrics[iou_type][key] == pytest.approx(reference[iou_type][key], abs=1e-9)
 
 
+def test_eval_matches_categories_by_name_or_refuses_other_classes(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    val = _self_labelled(run, tmp_path)
+    ckpt = str(run / "last.pth")
+    args = ["--images", str(run / "data"), "--batch-size", "2"]
+    assert main(["eval", ckpt, "--data", str(val), *args, "--out", str(tmp_path / "a")]) == 0
+    reference = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    coco = json.loads(val.read_text())
+    shifted = {c["id"]: c["id"] + 10 for c in coco["categories"]}  # same names, other ids
+    for c in coco["categories"]:
+        c["id"] = shifted[c["id"]]
+    for a in coco["annotations"]:
+        a["category_id"] = shifted[a["category_id"]]
+    (tmp_path / "shifted.json").write_text(json.dumps(coco))
+    capsys.readouterr()
+    assert main(["eval", ckpt, "--data", str(tmp_path / "shifted.json"), *args,
+                 "--out", str(tmp_path / "b")]) == 0
+    assert "category ids differ from the checkpoint's; matched by name" in (
+        capsys.readouterr().err
+    )
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert reference["segm"]["AP"] > 0.1
+    assert metrics["segm"]["AP"] == pytest.approx(reference["segm"]["AP"], abs=1e-9)
+    coco["categories"][0]["name"] = "something else"
+    (tmp_path / "renamed.json").write_text(json.dumps(coco))
+    assert main(["eval", ckpt, "--data", str(tmp_path / "renamed.json"), *args,
+                 "--out", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert "renamed.json: its categories" in err and "are not the checkpoint's" in err
+    assert not (tmp_path / "c" / "metrics.json").exists()
+
+
 def test_eval_with_tta_reports_both_side_by_side(
     run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

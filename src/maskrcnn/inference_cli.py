@@ -137,6 +137,34 @@ def _dataset_batches(
         yield ids, images
 
 
+def match_categories(predictor: Predictor, dataset: CocoDataset) -> dict[int, int]:
+    """The dataset's category id of each of the model's labels. The checkpoint's categories
+    (name and id per label) are the dataset's, or the same names under other ids (then they
+    are matched by name, saying so); anything else is a ValueError listing both, since the
+    scores would otherwise be computed against the wrong classes."""
+    ours = dict(zip(dataset.class_names[1:], dataset.label_to_cat_id.values(), strict=True))
+    names, ids = predictor.class_names, predictor.label_to_cat_id
+    if names is None or ids is None:  # a checkpoint that does not say: trust the dataset
+        if predictor.model.cfg.num_classes != len(dataset.class_names):
+            raise ValueError(
+                f"the model predicts {predictor.model.cfg.num_classes - 1} classes but "
+                f"{dataset.ann_file} has {len(dataset.class_names) - 1} categories"
+            )
+        return dict(dataset.label_to_cat_id)
+    theirs = {names[label]: cat for label, cat in ids.items()}
+    if theirs == ours:
+        return dict(ids)
+    if set(theirs) == set(ours):
+        print(f"warning: {dataset.ann_file}: category ids differ from the checkpoint's; "
+              "matched by name", file=sys.stderr)
+        return {label: ours[names[label]] for label in ids}
+    raise ValueError(
+        f"{dataset.ann_file}: its categories {sorted(ours.items(), key=lambda x: x[1])} are "
+        f"not the checkpoint's {sorted(theirs.items(), key=lambda x: x[1])} (name, id); "
+        "evaluate on data annotated with the model's classes"
+    )
+
+
 def evaluate_predictor(
     predictor: Predictor,
     dataset: CocoDataset,
@@ -146,7 +174,7 @@ def evaluate_predictor(
 ) -> tuple[CocoEvaluator, float, int]:
     """A CocoEvaluator fed with the predictor's output on ``dataset``, the model's seconds
     per image, and the number of images evaluated."""
-    label_map = predictor.label_to_cat_id or dataset.label_to_cat_id
+    label_map = match_categories(predictor, dataset)
     evaluator = CocoEvaluator(dataset.coco_json, label_to_cat_id=label_map)
     seconds, done = 0.0, 0
     for ids, images in _dataset_batches(dataset, batch_size, skipped, desc):
@@ -182,7 +210,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         predictors["fast"] = fast
     try:
         dataset = CocoDataset(args.data, args.images, search_subfolders=args.search_subfolders)
-    except DatasetError as err:
+        match_categories(base, dataset)  # before any work
+    except (DatasetError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
