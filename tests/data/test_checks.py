@@ -52,9 +52,10 @@ def _codes(report: CheckReport) -> dict[str, list[tuple[int | None, int | None]]
 def test_clean_dataset_passes_with_counts(tmp_path: Path) -> None:
     _png(tmp_path / "x.png")
     _png(tmp_path / "y.png")
+    _png(tmp_path / "z.png")
     anns = [_ann(1), _ann(2, category_id=2), _ann(3, image_id=2, category_id=2)]
     report = check_dataset(_write(tmp_path, [_img(1, "x.png"), _img(2, "y.png"),
-                                             _img(3, "y.png")], anns))
+                                             _img(3, "z.png")], anns))
     assert report.ok and report.findings == []
     assert (report.num_images, report.num_annotations, report.num_empty_images) == (3, 3, 1)
     assert report.class_counts == [ClassCount(1, 1, "a", 1, 1), ClassCount(2, 2, "b", 2, 2)]
@@ -81,6 +82,15 @@ def test_image_problems(tmp_path: Path) -> None:
     assert not report.ok and len(report.errors) == 5  # '../outside.png' counts: see below
     again = check_dataset(tmp_path / "ann.json", search_subfolders=True)
     assert _codes(again)["missing_image"] == [(5, None)]
+
+
+def test_one_file_under_two_image_ids_is_an_error(tmp_path: Path) -> None:
+    _png(tmp_path / "x.png")
+    _png(tmp_path / "y.png")
+    images = [_img(1, "x.png"), _img(2, "y.png"), _img(3, "x.png"), _img(4, "./y.png")]
+    report = check_dataset(_write(tmp_path, images, [_ann(1), _ann(2, image_id=3)]))
+    assert _codes(report)["duplicate_file"] == [(3, None), (4, None)]
+    assert "image id 3: 'x.png' is also image id 1" in report.errors[0].message
 
 
 def test_images_over_the_loader_pixel_limit_are_errors(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -199,6 +200,21 @@ def _outside_root_finding(img: dict[str, Any], allowed: bool) -> Finding:
                    "check: --allow-outside-root)", img["id"], file=img["file_name"])
 
 
+def _duplicate_file_findings(images: list[dict[str, Any]]) -> Iterator[Finding]:
+    """One error per image id whose file another image id already names: the picture would
+    be trained on twice, and scored twice against two halves of its annotations."""
+    first: dict[str, int] = {}
+    for img in images:
+        name = posixpath.normpath(posix_file_name(img["file_name"]))
+        if name in first:
+            yield Finding("error", "duplicate_file",
+                          f"image id {img['id']}: '{img['file_name']}' is also image id "
+                          f"{first[name]}; give each file one image id (merge their "
+                          "annotations)", img["id"], file=img["file_name"])
+        else:
+            first[name] = img["id"]
+
+
 def _image_findings(
     images: list[dict[str, Any]], root: Path, search_subfolders: bool, allow_outside_root: bool,
     max_pixels: int | None,
@@ -206,6 +222,7 @@ def _image_findings(
     for img in images:
         if escapes_root(img["file_name"]):
             yield _outside_root_finding(img, allow_outside_root)
+    yield from _duplicate_file_findings(images)
     index: dict[str, list[Path]] | None = None
     readable: list[tuple[dict[str, Any], Path]] = []
     for img in images:
