@@ -181,6 +181,15 @@ def test_unparsable_or_shapeless_json(tmp_path: Path) -> None:
     (tmp_path / "ann.json").write_text('{"images": [{"id": 1}], "categories": []}')
     report = check_dataset(tmp_path / "ann.json")
     assert [f.code for f in report.findings] == ["missing_key"]
+    (tmp_path / "ann.json").write_text('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    report = check_dataset(tmp_path / "ann.json")
+    assert [f.message for f in report.findings] == [
+        f"{tmp_path / 'ann.json'}: JSON nested too deeply to be a COCO file"
+    ]
+    (tmp_path / "ann.json").write_text('{"images": [{"id": ' + "9" * 5000 + "}]}")
+    report = check_dataset(tmp_path / "ann.json")
+    assert [f.code for f in report.findings] == ["invalid_json"]
+    assert "unreadable JSON value" in report.findings[0].message
 
 
 def test_invalid_image_is_reported_once_with_its_bad_value(tmp_path: Path) -> None:

@@ -47,6 +47,10 @@ def load_coco_json(ann_file: str | Path) -> dict[str, Any]:
         raise DatasetError(f"{ann_file}: cannot read annotation file ({e})") from e
     except json.JSONDecodeError as e:
         raise DatasetError(f"{ann_file}: malformed JSON at line {e.lineno}: {e.msg}") from e
+    except RecursionError:
+        raise DatasetError(f"{ann_file}: JSON nested too deeply to be a COCO file") from None
+    except ValueError as e:  # e.g. an integer of thousands of digits
+        raise DatasetError(f"{ann_file}: unreadable JSON value ({e})") from None
     if not isinstance(data, dict):
         kind = type(data).__name__
         raise DatasetError(f"{ann_file}: top level must be a JSON object, got {kind}")
