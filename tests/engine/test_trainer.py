@@ -128,7 +128,8 @@ def test_nonfinite_loss_stops_with_iteration_and_image_ids(tmp_path: Path) -> No
     )
     with torch.no_grad():
         trainer.model.roi_heads.box_predictor.cls_score.weight.fill_(float("nan"))
-    with pytest.raises(NonFiniteLossError, match=r"iteration 4 .*image ids \[\d+, \d+\]"):
+    with pytest.raises(NonFiniteLossError, match=r"iteration 4 .*image ids \[\d+, \d+\].*"
+                       r"the last good checkpoint is .*last\.pth"):
         trainer.train()
     kept = load_checkpoint(tmp_path / "last.pth")
     assert kept["iteration"] == 3
@@ -143,9 +144,10 @@ def test_nonfinite_steps_can_be_skipped_up_to_a_limit(tmp_path: Path) -> None:
     )
     with torch.no_grad():
         trainer.model.roi_heads.box_predictor.cls_score.weight.fill_(float("nan"))
-    with pytest.raises(NonFiniteLossError):
+    with pytest.raises(NonFiniteLossError, match=r"no checkpoint was written yet"):
         trainer.train()
     assert trainer.nonfinite_skips == 1
+    assert not (tmp_path / "last.pth").exists()
 
 
 def test_logged_lr_is_the_one_each_step_used(tmp_path: Path) -> None:

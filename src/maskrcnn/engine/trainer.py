@@ -243,10 +243,11 @@ class Trainer:
             n: float(v.detach()) for n, v in losses.items() if not math.isfinite(float(v.detach()))
         }
         where = f"{bad} on image ids {ids}" if bad else "in another process"
-        message = (
-            f"non-finite loss at iteration {self.iteration + 1} {where}; "
-            f"the last good checkpoint is {self.out / 'last.pth'}"
+        last = self.out / "last.pth"
+        saved = f"the last good checkpoint is {last}" if last.is_file() else (
+            "no checkpoint was written yet (run.checkpoint_period)"
         )
+        message = f"non-finite loss at iteration {self.iteration + 1} {where}; {saved}"
         self.optimizer.zero_grad(set_to_none=True)
         if self.nonfinite_skips < self.cfg.run.max_nonfinite_skips:
             self.nonfinite_skips += 1
