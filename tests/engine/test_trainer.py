@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskrcnn.engine.checkpoint import load_checkpoint
+from maskrcnn.engine.checkpoint import CheckpointError, load_checkpoint
 from maskrcnn.engine.logging import read_metrics
 from maskrcnn.engine.trainer import NonFiniteLossError, Trainer
 from tiny_run import tiny_config
@@ -228,6 +228,9 @@ def test_resume_warns_about_a_missing_checkpoint_and_a_changed_config(
     assert trainer.iteration == 1
     assert "solver.base_lr: 0.01 -> 0.001" in caplog.text
     assert "solver.max_iter: 1 -> 2" in caplog.text
+    with pytest.raises(CheckpointError, match=r"--resume: .*last\.pth holds a different model "
+                       r"than this configuration builds \(size mismatch"):
+        Trainer(tiny_config(tmp_path, "model.fpn_channels=32"), resume=True, show_progress=False)
 
 
 def test_tensorboard_drops_what_a_crashed_run_logged_after_the_checkpoint(

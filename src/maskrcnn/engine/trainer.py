@@ -29,7 +29,13 @@ from maskrcnn.engine.build import (
     resolve_model_config,
     synthetic_data,
 )
-from maskrcnn.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from maskrcnn.engine.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from maskrcnn.engine.distributed import (
     all_ranks_true,
     barrier,
@@ -349,7 +355,15 @@ class Trainer:
 
     def load(self, path: Path) -> dict[str, Any]:
         state = load_checkpoint(path, map_location=self.device)
-        self.net.load_state_dict(state["model"])
+        try:
+            self.net.load_state_dict(state["model"])
+        except RuntimeError as err:  # another architecture or number of classes
+            detail = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+            raise CheckpointError(
+                f"--resume: {path} holds a different model than this configuration builds "
+                f"({detail}); resume with the settings it was trained with, or start a new "
+                "run.output_dir"
+            ) from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
