@@ -108,6 +108,15 @@ def test_synth_refuses_a_split_that_is_a_path(
     assert list(tmp_path.iterdir()) == []  # nothing written, inside OUT or beside it
 
 
+def test_synth_refuses_a_size_it_cannot_draw(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _run(["data", "synth", str(tmp_path / "out"), "--images", "1", "--size", "40000"]) == 1
+    assert "error: size 40000 is more than 8192 pixels a side (an image of 40000 px takes 36 GiB" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("argv", [
     ["data"], ["data", "check"], ["data", "convert"], ["data", "convert", "labelme"],
     ["data", "convert", "yolo"], ["data", "convert", "masks"], ["data", "synth"],

@@ -22,6 +22,7 @@ CATEGORIES: list[dict[str, Any]] = [
 # _MIN_VISIBLE_PIXELS) is dropped: a sliver is not a fair target for a detector.
 _MIN_VISIBLE_FRACTION = 0.2
 _MIN_VISIBLE_PIXELS = 16
+MAX_SIZE = 8192  # pixels a side
 
 
 @dataclass
@@ -173,6 +174,9 @@ def make_synthetic_coco(
     if num_images < 0 or size < 16 or max_objects < 1 or not 0.0 <= empty_fraction <= 1.0:
         raise ValueError("need num_images >= 0, size >= 16, max_objects >= 1, "
                          "0 <= empty_fraction <= 1")
+    if size > MAX_SIZE:  # each image is drawn in float64: 24 bytes a pixel
+        raise ValueError(f"size {size} is more than {MAX_SIZE} pixels a side (an image of "
+                         f"{size} px takes {size * size * 24 / 2**30:.0f} GiB while drawn)")
     # The split names a folder and a file inside out_dir: a path would write elsewhere.
     if not split_name or "/" in split_name or "\\" in split_name or ".." in split_name:
         raise ValueError(f"split name {split_name!r} must be a plain name, without '/', '\\' "
