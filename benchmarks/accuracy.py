@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import platform
 import statistics
 import sys
@@ -54,7 +53,7 @@ from maskrcnn.engine.build import build_datasets, resolve_model_config
 from maskrcnn.engine.evaluation import evaluate
 from maskrcnn.engine.trainer import Trainer
 from maskrcnn.model.mask_rcnn import MaskRCNN
-from maskrcnn.model.norms import GROUPS
+from maskrcnn.model.norms import group_norm
 
 log = logging.getLogger("maskrcnn")
 
@@ -79,27 +78,21 @@ SHARED = [
     "run.checkpoint_period=100000",
     "run.num_overlays=0",
 ]
-RETURN_LAYERS = {
-    "resnet": {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
-    "mobilenet_v2": {"3": "0", "6": "1", "13": "2", "18": "3"},
-    "vgg16": {"9": "0", "16": "1", "23": "2", "30": "3"},
-}
 
 
 def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
     if norm == "gn":
-        return lambda c: nn.GroupNorm(math.gcd(GROUPS, c), c)
+        return group_norm
     return nn.BatchNorm2d if norm in ("bn", "syncbn") else FrozenBatchNorm2d
 
 
-def _torchvision_body(cfg: ModelConfig) -> tuple[nn.Module, dict[str, str]]:
+def _torchvision_body(cfg: ModelConfig) -> nn.Module:
+    """torchvision's network whose children are our body's layers (names included)."""
     if cfg.backbone.startswith("resnet"):
-        net = getattr(models, cfg.backbone)(weights=None, norm_layer=_norm_layer(cfg.norm))
-        return net, RETURN_LAYERS["resnet"]
+        return getattr(models, cfg.backbone)(weights=None, norm_layer=_norm_layer(cfg.norm))
     if cfg.backbone == "mobilenet_v2":
-        net = models.mobilenet_v2(weights=None, norm_layer=_norm_layer(cfg.norm))
-        return net.features, RETURN_LAYERS["mobilenet_v2"]
-    return models.vgg16(weights=None).features, RETURN_LAYERS["vgg16"]
+        return models.mobilenet_v2(weights=None, norm_layer=_norm_layer(cfg.norm)).features
+    return models.vgg16(weights=None).features
 
 
 def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
@@ -112,7 +105,8 @@ def torchvision_twin(ours: MaskRCNN) -> TVMaskRCNN:
     trainable and frozen stages, FPN, anchors, sizes, thresholds), built from torchvision's
     classes, with the weights of ``ours`` and the same parameters frozen."""
     cfg = ours.cfg
-    body, return_layers = _torchvision_body(cfg)
+    body = _torchvision_body(cfg)
+    return_layers = dict(ours.backbone.body.return_layers)
     for name, module in ours.backbone.body.named_modules():
         if isinstance(module, FrozenBatchNorm2d):  # a frozen stage's norm
             _set_module(body, name, FrozenBatchNorm2d(module.weight.numel()))

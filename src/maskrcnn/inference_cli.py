@@ -170,11 +170,12 @@ def evaluate_predictor(
     dataset: CocoDataset,
     batch_size: int,
     skipped: dict[int, str],
+    label_map: dict[int, int],
     desc: str = "eval",
 ) -> tuple[CocoEvaluator, float, int]:
-    """A CocoEvaluator fed with the predictor's output on ``dataset``, the model's seconds
-    per image, and the number of images evaluated."""
-    label_map = match_categories(predictor, dataset)
+    """A CocoEvaluator fed with the predictor's output on ``dataset`` (its labels mapped to
+    the dataset's category ids by ``label_map``, see :func:`match_categories`), the model's
+    seconds per image, and the number of images evaluated."""
     evaluator = CocoEvaluator(dataset.coco_json, label_to_cat_id=label_map)
     seconds, done = 0.0, 0
     for ids, images in _dataset_batches(dataset, batch_size, skipped, desc):
@@ -210,7 +211,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         predictors["fast"] = fast
     try:
         dataset = CocoDataset(args.data, args.images, search_subfolders=args.search_subfolders)
-        match_categories(base, dataset)  # before any work
+        label_map = match_categories(base, dataset)  # before any work
     except (DatasetError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -229,7 +230,8 @@ def _run_eval(args: argparse.Namespace) -> int:
             predictor.tta = view
             label = " ".join(x for x in (mode, name) if x)
             evaluator, seconds, done = evaluate_predictor(
-                predictor, dataset, args.batch_size, skipped, desc=f"eval {label}".strip()
+                predictor, dataset, args.batch_size, skipped, label_map,
+                desc=f"eval {label}".strip(),
             )
             if done == 0:
                 print(f"error: none of the {len(dataset)} images could be read", file=sys.stderr)

@@ -39,10 +39,14 @@ def batchnorm_from(frozen: FrozenBatchNorm2d) -> nn.BatchNorm2d:
     return bn
 
 
+def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+    """GroupNorm over ``channels`` in 32 groups, or the largest count dividing both."""
+    return nn.GroupNorm(math.gcd(GROUPS, channels), channels, eps=eps)
+
+
 def groupnorm_from(frozen: FrozenBatchNorm2d) -> nn.GroupNorm:
     """A GroupNorm over the same channels with ``frozen``'s scale and shift."""
-    channels = frozen.weight.numel()
-    gn = nn.GroupNorm(math.gcd(GROUPS, channels), channels, eps=frozen.eps)
+    gn = group_norm(frozen.weight.numel(), eps=frozen.eps)
     with torch.no_grad():
         gn.weight.copy_(frozen.weight)
         gn.bias.copy_(frozen.bias)
