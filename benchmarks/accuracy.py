@@ -39,13 +39,13 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d
 
-from maskrcnn.cli import recipe_path
 from maskrcnn.config import (
     ModelConfig,
     TrainConfig,
     apply_overrides,
     from_dict,
     load_train_config,
+    recipe_path,
     to_dict,
 )
 from maskrcnn.data.coco import CocoDataset

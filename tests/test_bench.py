@@ -11,7 +11,7 @@ import torch
 
 from maskrcnn import MaskRCNN, ModelConfig
 from maskrcnn.bench import build_models, compare, format_report, main, run
-from maskrcnn.cli import main as cli_main
+from maskrcnn.cli.main import main as cli_main
 from maskrcnn.config import to_dict
 
 

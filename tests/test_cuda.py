@@ -13,7 +13,7 @@ import torch
 from maskrcnn.bench import compare, training_batch
 from maskrcnn.model.pooler import FEATURE_NAMES, MultiLevelRoIAlign
 from maskrcnn.model.postprocess import paste_masks
-from maskrcnn.precision import autocast, grad_scaler
+from maskrcnn.utils.precision import autocast, grad_scaler
 from tv_oracle import build_pair
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

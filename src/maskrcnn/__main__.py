@@ -1,5 +1,5 @@
 """``python -m maskrcnn`` is the ``maskrcnn`` command (torchrun needs the module form)."""
 
-from maskrcnn.cli import run
+from maskrcnn.cli.main import run
 
 run()

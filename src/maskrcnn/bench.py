@@ -28,15 +28,13 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
-from maskrcnn import malloc
-from maskrcnn.atomic import write_text_atomic
 from maskrcnn.config import ModelConfig
 from maskrcnn.model.fast import default_fast_precision
 from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.model.postprocess import paste_masks
-from maskrcnn.precision import autocast, grad_scaler
-
-SECTIONS = ("inference", "train", "paste", "loading", "memory", "onnx")
+from maskrcnn.utils import malloc
+from maskrcnn.utils.atomic import write_text_atomic
+from maskrcnn.utils.precision import autocast, grad_scaler
 
 
 def build_models(
@@ -440,11 +438,56 @@ def run(
         else:
             report["inference_peak_mib"] = bench_peak_memory(size, precision)
     if "onnx" not in skip:
-        from maskrcnn.export import bench_onnxruntime
-
         _progress("onnxruntime (export, then the same image)", repeats)
         report["onnxruntime_vs_fast"] = bench_onnxruntime(copy.deepcopy(ours), None, size, repeats)
     return report
+
+
+def bench_onnxruntime(
+    model: MaskRCNN,
+    onnx_path: str | Path | None = None,
+    size: tuple[int, int] = (800, 1088),
+    repeats: int = 3,
+    threads: int | None = None,
+    precision: str = "auto",
+) -> dict[str, Any]:
+    """Seconds per image of ``model`` exported to ONNX under onnxruntime (CPU EP) and of
+    ``model`` in PyTorch's fast mode (``optimize_for_inference(precision)``), on the same
+    random (3, *size) image, alternating after a warm-up, medians; both with ``threads``
+    threads (default: torch's). ``onnx_path``: the model's ONNX file, or None to export it
+    first.
+
+    Returns ``{"onnxruntime": s, "pytorch_fast": s, "ratio": onnxruntime / pytorch_fast,
+    "pytorch_precision": "bf16" | "fp32" | ..., "detections": [n_onnxruntime, n_pytorch],
+    "threads": n, "size": [h, w]}``."""
+    from maskrcnn.export.api import export_onnx
+    from maskrcnn.export.onnx_predictor import OnnxPredictor
+
+    if onnx_path is None:
+        with tempfile.TemporaryDirectory() as folder:
+            path = export_onnx(model, Path(folder) / "model.onnx")
+            return bench_onnxruntime(model, path, size, repeats, threads, precision)
+    threads = threads or torch.get_num_threads()
+    image = torch.rand(3, *size, generator=torch.Generator().manual_seed(1))
+    fast = copy.deepcopy(model).cpu().optimize_for_inference(precision)
+    ort = OnnxPredictor(onnx_path, num_threads=threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            runs = {"onnxruntime": lambda: ort.run(image), "pytorch_fast": lambda: fast([image])}
+            times = alternate(runs, repeats)
+            found = [len(ort.run(image)["boxes"]), len(fast([image])[0]["boxes"])]
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        **times,
+        "ratio": times["onnxruntime"] / times["pytorch_fast"],
+        "pytorch_precision": fast.inference_precision,
+        "detections": found,
+        "threads": threads,
+        "size": list(size),
+    }
 
 
 def _progress(section: str, repeats: int) -> None:
@@ -454,7 +497,8 @@ def _progress(section: str, repeats: int) -> None:
 
 
 MALLOC_NOTES = {
-    "retained": "reused by the process (see maskrcnn.malloc; MASKRCNN_MALLOC=system to compare)",
+    "retained": "reused by the process (see maskrcnn.utils.malloc; MASKRCNN_MALLOC=system "
+    "to compare)",
     "system": "returned to the OS by malloc (the C library's default)",
 }
 

@@ -13,6 +13,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +22,7 @@ import yaml
 T = TypeVar("T")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "vgg16")
 NORMS = ("frozen", "bn", "syncbn", "gn")
+RECIPES = "maskrcnn.configs"  # the package holding the shipped recipes (YAML)
 
 
 @dataclass(frozen=True)
@@ -345,3 +347,17 @@ def load_train_config(
             raise ValueError(f"{path}: a config file must be a mapping of sections")
         data = loaded or {}
     return from_dict(TrainConfig, apply_overrides(data, overrides or []))
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A YAML file path, or the name of a recipe shipped with the package (``demo``...)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = resources.files(RECIPES) / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    names = sorted(
+        p.name[:-5] for p in resources.files(RECIPES).iterdir() if p.name.endswith(".yaml")
+    )
+    raise ValueError(f"config {name_or_path!r} is neither a file nor a recipe ({', '.join(names)})")

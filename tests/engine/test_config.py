@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from maskrcnn.cli import recipe_path
-from maskrcnn.config import TrainConfig, from_dict, load_train_config, to_dict
+from maskrcnn.config import TrainConfig, from_dict, load_train_config, recipe_path, to_dict
 
 
 def test_yaml_then_overrides(tmp_path: Path) -> None:
@@ -68,7 +67,7 @@ def test_recipes_load(name: str) -> None:
 def test_train_command_reports_bad_overrides_without_a_traceback(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from maskrcnn.cli import main
+    from maskrcnn.cli.main import main
 
     assert main(["train", "demo", "solver.precision=fp32"]) == 2
     err = capsys.readouterr().err
@@ -122,7 +121,7 @@ def test_augmentation_and_yaml_mistakes_are_found_when_the_config_is_read() -> N
 def test_train_command_errors_are_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from maskrcnn.cli import main
+    from maskrcnn.cli.main import main
 
     assert main(["train", "--config", "nonexist"]) == 2
     assert capsys.readouterr().err.startswith("error: config 'nonexist' is neither a file")

@@ -182,10 +182,11 @@ def test_a_non_finite_loss_in_one_process_is_seen_by_all(tmp_path: Path) -> None
 def test_the_launcher_runs_torchrun_with_the_command_less_its_launch_flags(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import maskrcnn.cli as cli
+    import maskrcnn.cli.main as cli
+    import maskrcnn.cli.train as train_cli
 
     calls: list[list[str]] = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(train_cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     argv = ["train", "--nproc", "2", "--nnodes=2", "--node-rank", "1",
             "--rdzv-endpoint", "node0:29400", "solver.max_iter=5"]
@@ -208,9 +209,10 @@ def test_launch_flags_that_would_hang_are_refused(
     argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import maskrcnn.cli as cli
+    import maskrcnn.cli.main as cli
+    import maskrcnn.cli.train as train_cli
 
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: pytest.fail(f"launched {cmd}"))
+    monkeypatch.setattr(train_cli.subprocess, "call", lambda cmd: pytest.fail(f"launched {cmd}"))
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert cli.main(["train", *argv]) == 2
     assert message in capsys.readouterr().err

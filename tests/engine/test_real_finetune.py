@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from maskrcnn.cli import recipe_path
-from maskrcnn.config import load_train_config
+from maskrcnn.config import load_train_config, recipe_path
 from maskrcnn.engine.trainer import Trainer
 
 FACADES = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "facades-valid"

@@ -17,7 +17,7 @@ from maskrcnn.data.transforms import build_transforms
 from maskrcnn.engine.checkpoint import load_checkpoint
 from maskrcnn.model.backbone import build_backbone
 from maskrcnn.model.fast import fold_batchnorm
-from maskrcnn.precision import cpu_supports_bf16
+from maskrcnn.utils.precision import cpu_supports_bf16
 from tv_oracle import randomize_frozen_bn
 
 

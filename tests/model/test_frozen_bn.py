@@ -10,7 +10,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from maskrcnn.config import ModelConfig
 from maskrcnn.model.backbone import build_backbone
-from maskrcnn.model.frozen_bn import ConvFrozenBN, FusedFrozenBatchNorm2d, fuse_frozen_batchnorm
+from maskrcnn.model.frozen_bn import ConvFrozenBN, FusedFrozenBatchNorm2d, fuse_for_training
 
 
 def _pair(seed: int) -> nn.Sequential:
@@ -29,7 +29,7 @@ def _pair(seed: int) -> nn.Sequential:
 def test_fused_pair_trains_like_the_plain_one() -> None:
     plain = _pair(0)
     fused = copy.deepcopy(plain)
-    assert fuse_frozen_batchnorm(fused) == 1
+    assert fuse_for_training(fused) == 1
     assert type(fused[0]) is ConvFrozenBN and type(fused[1]) is FusedFrozenBatchNorm2d
     assert fused.state_dict().keys() == plain.state_dict().keys()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -48,7 +48,7 @@ def test_norms_put_in_eval_mode_alone_apply_once() -> None:
     idiom) must not apply the norm twice, nor a conv in eval mode skip it."""
     plain = _pair(0).eval()
     fused = copy.deepcopy(plain)
-    fuse_frozen_batchnorm(fused)
+    fuse_for_training(fused)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     expected = plain(x)
     fused.train()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from maskrcnn import ModelConfig
-from maskrcnn.export_model import resized_size as graph_resized_size
+from maskrcnn.export.graph import traced_resized_size
 from maskrcnn.model.preprocess import (
     Preprocessor,
     resize_image,
@@ -61,4 +61,4 @@ def test_resize_equals_interpolate_with_a_recomputed_scale_factor(
 def test_the_export_graph_resizes_to_the_same_size(shape: tuple[int, int]) -> None:
     expected = resized_size(*shape, resize_scale(*shape, 96, 96))
     assert min(expected) >= 1
-    assert graph_resized_size(torch.zeros(3, *shape), 96.0, 96.0) == expected
+    assert traced_resized_size(torch.zeros(3, *shape), 96.0, 96.0) == expected

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from maskrcnn.cli import main
+from maskrcnn.cli.main import main
 from maskrcnn.data.errors import DatasetError
 from maskrcnn.data.synthetic import make_synthetic_coco
 from maskrcnn.engine.trainer import Trainer

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from maskrcnn.engine.trainer import Trainer
-from maskrcnn.predictor import Predictor
+from maskrcnn.inference.predictor import Predictor
 from tiny_run import tiny_config
 
 pytestmark = [

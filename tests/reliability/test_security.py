@@ -24,15 +24,15 @@ import yaml
 from PIL import Image
 
 import maskrcnn
-from maskrcnn.cli import main
+from maskrcnn.cli.main import main
 from maskrcnn.config import ModelConfig, load_train_config
 from maskrcnn.data.checks import check_dataset
 from maskrcnn.data.coco import CocoDataset
 from maskrcnn.data.errors import DatasetError
 from maskrcnn.data.synthetic import make_synthetic_coco
 from maskrcnn.engine.checkpoint import CheckpointError, load_checkpoint
+from maskrcnn.inference.predictor import Predictor
 from maskrcnn.model.mask_rcnn import MaskRCNN
-from maskrcnn.predictor import Predictor
 from tiny_run import TINY
 
 SRC = Path(maskrcnn.__file__).parent

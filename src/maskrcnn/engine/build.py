@@ -1,4 +1,4 @@
-"""From a :class:`TrainConfig` to datasets, loaders and a model."""
+"""From a :class:`TrainConfig` to datasets and a model; a model from a training checkpoint."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
-from maskrcnn.config import DataConfig, ModelConfig, TrainConfig
+from maskrcnn.config import DataConfig, ModelConfig, TrainConfig, from_dict
 from maskrcnn.data.coco import CocoDataset
 from maskrcnn.data.synthetic import make_synthetic_coco
 from maskrcnn.data.transforms import build_transforms
+from maskrcnn.engine.checkpoint import CheckpointError, load_checkpoint
 from maskrcnn.model.backbone import mobilenet_weights_path
 from maskrcnn.model.mask_rcnn import MaskRCNN
 
@@ -95,3 +96,42 @@ def resolve_model_config(cfg: ModelConfig, class_names: list[str]) -> ModelConfi
 
 def build_model(cfg: ModelConfig, device: torch.device) -> MaskRCNN:
     return MaskRCNN(cfg).to(device)
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """A model read from a training checkpoint, with what the checkpoint says about its
+    classes: ``class_names[label]`` (0 is the background) and ``label_to_cat_id`` (the
+    dataset's COCO category id of each label), None when the checkpoint does not say."""
+
+    model: MaskRCNN
+    class_names: list[str] | None
+    label_to_cat_id: dict[int, int] | None
+
+
+def model_from_checkpoint(path: str | Path) -> TrainedModel:
+    """The model of a checkpoint written by the trainer (read with ``weights_only=True``), on
+    the CPU in eval mode; a :class:`CheckpointError` if the file is not one or its weights do
+    not fit its config."""
+    state = load_checkpoint(path)
+    config = state.get("config")
+    if "model" not in state or not isinstance(config, dict) or "model" not in config:
+        raise CheckpointError(
+            f"{path}: not a maskrcnn training checkpoint (it needs 'model' weights and "
+            "a 'config' with a 'model' section)"
+        )
+    cfg = from_dict(ModelConfig, config["model"])
+    # The weights come from the checkpoint: never read the ImageNet file of the training
+    # machine, which may not exist here.
+    model = MaskRCNN(dataclasses.replace(cfg, backbone_weights=None))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit the model config: {err}") from None
+    names = state.get("class_names")
+    label_map = state.get("label_to_cat_id")
+    return TrainedModel(
+        model.eval(),
+        list(names) if names is not None else None,
+        dict(label_map) if label_map is not None else None,
+    )

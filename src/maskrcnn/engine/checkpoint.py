@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from maskrcnn.atomic import atomic_write
+from maskrcnn.utils.atomic import atomic_write
 
 
 class CheckpointError(RuntimeError):

@@ -13,11 +13,11 @@ from tqdm import tqdm
 from maskrcnn.data.coco import CocoDataset
 from maskrcnn.data.loader import build_loader
 from maskrcnn.engine.batches import training_loader
+from maskrcnn.engine.coco_metrics import CocoEvaluator
 from maskrcnn.engine.coco_results import prediction_to_coco
 from maskrcnn.engine.distributed import DistInfo, gather_objects
-from maskrcnn.engine.evaluator import CocoEvaluator
-from maskrcnn.precision import autocast
-from maskrcnn.visualize import draw_instances, save_overlay, side_by_side
+from maskrcnn.utils.precision import autocast
+from maskrcnn.utils.visualize import draw_instances, save_overlay, side_by_side
 
 log = logging.getLogger("maskrcnn")
 

@@ -48,7 +48,7 @@ from maskrcnn.engine.logging import MetricsLogger, read_metrics, truncate_after
 from maskrcnn.engine.plots import plot_ap, plot_losses
 from maskrcnn.engine.solver import build_optimizer, build_scheduler, effective_lr
 from maskrcnn.model.norms import sync_batchnorm
-from maskrcnn.precision import autocast, grad_scaler, resolve_precision
+from maskrcnn.utils.precision import autocast, grad_scaler, resolve_precision
 
 log = logging.getLogger("maskrcnn")
 

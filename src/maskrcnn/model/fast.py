@@ -8,7 +8,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from maskrcnn.model.frozen_bn import ConvFrozenBN, affine_of, conv_norm_pairs
-from maskrcnn.precision import cpu_supports_bf16
+from maskrcnn.utils.precision import cpu_supports_bf16
 
 
 def fold_batchnorm(module: nn.Module) -> int:

@@ -75,10 +75,13 @@ def conv_norm_pairs(
                 yield parent, conv, bn_name, bn
 
 
-def fuse_frozen_batchnorm(module: nn.Module) -> int:
+def fuse_for_training(module: nn.Module) -> int:
     """Swap every (Conv2d, FrozenBatchNorm2d) pair of ``conv_norm_pairs`` not fused yet for
     the training-time fused pair, keeping their parameters and buffers. Returns how many
-    pairs were fused."""
+    pairs were fused. Not to be confused with ``model.fast.fold_batchnorm`` (inference): that
+    one folds a norm into its convolution's weights for good; this one keeps ``W`` and the
+    norm's buffers as they are (training and state dicts unchanged) and only runs the pair
+    as one convolution."""
     fused = 0
     for _, conv, _, bn in conv_norm_pairs(module):
         if type(conv) is nn.Conv2d and type(bn) is FrozenBatchNorm2d:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import Tensor, nn
 
@@ -12,13 +14,15 @@ from maskrcnn.model.fast import (
     default_fast_precision,
     fold_batchnorm,
 )
+from maskrcnn.model.pooler import poolable
 from maskrcnn.model.postprocess import paste_masks
 from maskrcnn.model.preprocess import Preprocessor, scale_boxes
-from maskrcnn.model.roi_heads import RoIHeads
+from maskrcnn.model.roi_heads import RoIHeads, with_masks
 from maskrcnn.model.rpn import RegionProposalNetwork
 from maskrcnn.model.validation import check_images, check_targets
-from maskrcnn.precision import DTYPES, autocast
+from maskrcnn.structures.detections import Detections
 from maskrcnn.structures.image_batch import ImageBatch
+from maskrcnn.utils.precision import DTYPES, autocast
 
 LOSS_WEIGHT_NAMES = {
     "loss_classifier": "classifier",
@@ -78,14 +82,37 @@ class MaskRCNN(nn.Module):
 
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         batch, _ = self.preprocess(images, None, training=False)
+        features, dets = self.detect_boxes(batch)
+        labels = torch.cat([d.labels for d in dets])
+        probs = self.mask_probs(features, [d.boxes for d in dets], batch.image_sizes, labels)
+        return self.to_input_coordinates(with_masks(dets, probs), batch)
+
+    def detect_boxes(self, batch: ImageBatch) -> tuple[OrderedDict[str, Tensor], list[Detections]]:
+        """The first stage of :meth:`predict` on a pre-processed batch: backbone, RPN and box
+        branch, in predict's memory layout and precision. Returns the feature levels in the
+        form RoIAlign reads (for :meth:`mask_probs`) and each image's detections in the
+        batch's resized pixels. Test-time augmentation runs it once per view."""
         x = batch.tensor
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.inference_precision, x.device):
             features = self.backbone(x)
             proposals, _ = self.rpn(batch, list(features.values()))
-            detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
-        return self.to_input_coordinates(detections, batch)
+            features = poolable(features)  # converted once, for boxes and masks
+            return features, self.roi_heads.detect_boxes(features, proposals, batch.image_sizes)
+
+    def mask_probs(
+        self,
+        features: OrderedDict[str, Tensor],
+        boxes: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        labels: Tensor,
+    ) -> Tensor:
+        """The second stage of :meth:`predict`: (sum N_i, 1, 28, 28) box-relative mask
+        probabilities of ``boxes`` (per image, resized pixels) on ``features`` from
+        :meth:`detect_boxes`, each of its class in ``labels`` (sum N_i,)."""
+        with autocast(self.inference_precision, labels.device):
+            return self.roi_heads.mask_logits(features, boxes, image_sizes, labels).sigmoid()
 
     def optimize_for_inference(
         self, precision: str = "auto", channels_last: bool = True

@@ -11,6 +11,7 @@ from torch import Tensor
 from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
 from maskrcnn.model.box_coder import BoxCoder
+from maskrcnn.structures.detections import Detections
 
 
 def detect_boxes(
@@ -22,8 +23,8 @@ def detect_boxes(
     score_thresh: float,
     nms_thresh: float,
     max_detections: int,
-) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Per image (boxes (D, 4), scores (D,), labels (D,)): one candidate per proposal and
+) -> list[Detections]:
+    """Per image the detections: one candidate per proposal and
     foreground class, kept if score > ``score_thresh``, not tiny, and kept by per-class NMS;
     the ``max_detections`` best.
 
@@ -47,7 +48,7 @@ def detect_boxes(
         keep = keep[
             best_after_nms(boxes[keep], scores[keep], labels[keep], nms_thresh, max_detections)
         ]
-        out.append((boxes[keep], scores[keep], labels[keep]))
+        out.append(Detections(boxes[keep], scores[keep], labels[keep]))
     return out
 
 

@@ -17,6 +17,7 @@ from maskrcnn.model.matcher import Matcher
 from maskrcnn.model.pooler import MultiLevelRoIAlign, poolable
 from maskrcnn.model.postprocess import detect_boxes
 from maskrcnn.model.sampler import BalancedSampler
+from maskrcnn.structures.detections import Detections
 
 
 class TwoMLPHead(nn.Module):
@@ -121,8 +122,8 @@ class RoIHeads(nn.Module):
         features: OrderedDict[str, Tensor],
         proposals: list[Tensor],
         image_sizes: list[tuple[int, int]],
-    ) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """The box branch alone: per image (boxes (D, 4), scores (D,), labels (D,))."""
+    ) -> list[Detections]:
+        """The box branch alone: the detections of each image."""
         class_logits, box_regression = self.box_logits(features, proposals, image_sizes)
         return detect_boxes(
             class_logits,
@@ -143,14 +144,10 @@ class RoIHeads(nn.Module):
     ) -> list[dict[str, Tensor]]:
         """Per image: boxes (D, 4), labels (D,), scores (D,), masks (D, 1, 28, 28) probs."""
         dets = self.detect_boxes(features, proposals, image_sizes)
-        boxes = [d[0] for d in dets]
-        labels = torch.cat([d[2] for d in dets])
+        boxes = [d.boxes for d in dets]
+        labels = torch.cat([d.labels for d in dets])
         probs = self.mask_logits(features, boxes, image_sizes, labels).sigmoid()
-        counts = [b.shape[0] for b in boxes]
-        return [
-            {"boxes": b, "labels": lab, "scores": s, "masks": m}
-            for (b, s, lab), m in zip(dets, probs.split(counts), strict=True)
-        ]
+        return with_masks(dets, probs)
 
     def losses(
         self,
@@ -207,3 +204,13 @@ class RoIHeads(nn.Module):
             torch.cat([g[m] for g, m in zip(gt_for_props, matched, strict=True)]), torch.cat(props)
         )
         return TrainingSamples(props, labels, matched, reg)
+
+
+def with_masks(dets: list[Detections], probs: Tensor) -> list[dict[str, Tensor]]:
+    """torchvision's per-image output dicts: ``dets`` with their (sum D_i, 1, M, M) mask
+    probabilities ``probs`` in the same order."""
+    counts = [d.boxes.shape[0] for d in dets]
+    return [
+        {"boxes": d.boxes, "labels": d.labels, "scores": d.scores, "masks": m}
+        for d, m in zip(dets, probs.split(counts), strict=True)
+    ]

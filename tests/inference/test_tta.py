@@ -12,9 +12,8 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from maskrcnn import MaskRCNN, ModelConfig
-from maskrcnn.model.postprocess import paste_masks
-from maskrcnn.predictor import Predictor
-from maskrcnn.tta import (
+from maskrcnn.inference.predictor import Predictor
+from maskrcnn.inference.tta import (
     TTAConfig,
     View,
     average_mask_probs,
@@ -25,6 +24,8 @@ from maskrcnn.tta import (
     run_view,
     tta_predict,
 )
+from maskrcnn.model.postprocess import paste_masks
+from maskrcnn.structures.detections import Detections
 
 H, W = 70, 90  # not square, so that a swapped axis shows
 VIEWS = {
@@ -275,7 +276,7 @@ def test_merge_nms_keeps_the_best_box_per_class() -> None:
     boxes = torch.tensor([[0.0, 0, 10, 10], [1, 0, 11, 10], [1, 0, 11, 10], [50, 50, 60, 60]])
     scores = torch.tensor([0.6, 0.9, 0.8, 0.3])
     labels = torch.tensor([1, 1, 2, 1])
-    b, s, lab = merge_nms(boxes, scores, labels, 0.5)
+    b, s, lab = merge_nms(Detections(boxes, scores, labels), 0.5)
     assert s.tolist() == pytest.approx([0.9, 0.8, 0.3])
     assert lab.tolist() == [1, 2, 1] and torch.equal(b[0], boxes[1])
 
@@ -284,11 +285,11 @@ def test_merge_wbf_fuses_by_score_weight_and_penalises_lone_boxes() -> None:
     boxes = torch.tensor([[0.0, 0, 10, 10], [2, 0, 12, 10], [0, 0, 10, 10], [50, 50, 60, 60]])
     scores = torch.tensor([0.9, 0.6, 0.5, 0.8])
     labels = torch.tensor([1, 1, 2, 1])
-    b, s, lab = merge_wbf(boxes, scores, labels, iou_thresh=0.5, num_views=2)
+    b, s, lab = merge_wbf(Detections(boxes, scores, labels), iou_thresh=0.5, num_views=2)
     # cluster {0, 1}: x1 = (0 * 0.9 + 2 * 0.6) / 1.5 = 0.8, score (0.9 + 0.6) / 2
     assert s.tolist() == pytest.approx([0.75, 0.4, 0.25])
     assert lab.tolist() == [1, 1, 2]
     assert b[0].tolist() == pytest.approx([0.8, 0.0, 10.8, 10.0])
     assert b[1].tolist() == [50.0, 50.0, 60.0, 60.0]
-    empty = merge_wbf(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5, 2)
-    assert empty[0].shape == (0, 4)
+    none = Detections(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+    assert merge_wbf(none, 0.5, 2).boxes.shape == (0, 4)

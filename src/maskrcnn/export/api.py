@@ -1,7 +1,7 @@
 """Export a :class:`MaskRCNN` to ONNX or to a ``torch.export`` archive, with dynamic image
 sizes, pre- and post-processing inside the graph, and metadata.
 
-Both formats hold one graph, :class:`~maskrcnn.export_model.ExportableMaskRCNN`:
+Both formats hold one graph, :class:`~maskrcnn.export.graph.ExportableMaskRCNN`:
 
     image (3, H, W) float32 RGB in [0, 1], any H and W
       → boxes (N, 4) float32 xyxy in input pixels, labels (N,) int64, scores (N,) float32
@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -28,24 +27,21 @@ import torch
 from torch import Tensor
 from torch.export import Dim, ExportedProgram
 
-from maskrcnn.atomic import atomic_write
-from maskrcnn.export_metadata import ExportMetadata, make_metadata
-from maskrcnn.export_model import ExportableMaskRCNN
+from maskrcnn.export.graph import ExportableMaskRCNN
+from maskrcnn.export.metadata import ExportMetadata, make_metadata
+from maskrcnn.export.onnx_predictor import OnnxPredictor
 from maskrcnn.model.fast import fold_batchnorm
 from maskrcnn.model.mask_rcnn import MaskRCNN
-from maskrcnn.onnx_predictor import OnnxPredictor
-from maskrcnn.predictor import Predictor
+from maskrcnn.utils.atomic import atomic_write
 
 __all__ = [
     "ExportMetadata",
     "OnnxPredictor",
-    "bench_onnxruntime",
     "export_onnx",
     "export_program",
     "export_torch",
     "image_to_input",
     "load_torch_export",
-    "model_from_checkpoint",
 ]
 
 DEFAULT_OPSET = 18
@@ -193,63 +189,9 @@ def writable(path: str | Path) -> Path:
     return path
 
 
-def model_from_checkpoint(
-    path: str | Path,
-) -> tuple[MaskRCNN, list[str] | None, dict[int, int] | None]:
-    """The model of a training checkpoint, its class names and label → category id map."""
-    predictor = Predictor.from_checkpoint(path, device="cpu")
-    return predictor.model, predictor.class_names, predictor.label_to_cat_id
-
-
 def image_to_input(image: np.ndarray) -> np.ndarray:
     """An (H, W, 3) uint8 RGB array (as ``np.asarray(PIL.Image.open(f).convert("RGB"))``)
     → the graph's input, (3, H, W) float32 in [0, 1]."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
     return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / np.float32(255)
-
-
-def bench_onnxruntime(
-    model: MaskRCNN,
-    onnx_path: str | Path | None = None,
-    size: tuple[int, int] = (800, 1088),
-    repeats: int = 3,
-    threads: int | None = None,
-    precision: str = "auto",
-) -> dict[str, Any]:
-    """Seconds per image of ``model`` exported to ONNX under onnxruntime (CPU EP) and of
-    ``model`` in PyTorch's fast mode (``optimize_for_inference(precision)``), on the same
-    random (3, *size) image, alternating after a warm-up, medians; both with ``threads``
-    threads (default: torch's). ``onnx_path``: the model's ONNX file, or None to export it
-    first.
-
-    Returns ``{"onnxruntime": s, "pytorch_fast": s, "ratio": onnxruntime / pytorch_fast,
-    "pytorch_precision": "bf16" | "fp32" | ..., "detections": [n_onnxruntime, n_pytorch],
-    "threads": n, "size": [h, w]}``."""
-    if onnx_path is None:
-        with tempfile.TemporaryDirectory() as folder:
-            path = export_onnx(model, Path(folder) / "model.onnx")
-            return bench_onnxruntime(model, path, size, repeats, threads, precision)
-    from maskrcnn.bench import alternate
-
-    threads = threads or torch.get_num_threads()
-    image = torch.rand(3, *size, generator=torch.Generator().manual_seed(1))
-    fast = copy.deepcopy(model).cpu().optimize_for_inference(precision)
-    ort = OnnxPredictor(onnx_path, num_threads=threads)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            runs = {"onnxruntime": lambda: ort.run(image), "pytorch_fast": lambda: fast([image])}
-            times = alternate(runs, repeats)
-            found = [len(ort.run(image)["boxes"]), len(fast([image])[0]["boxes"])]
-    finally:
-        torch.set_num_threads(previous)
-    return {
-        **times,
-        "ratio": times["onnxruntime"] / times["pytorch_fast"],
-        "pytorch_precision": fast.inference_precision,
-        "detections": found,
-        "threads": threads,
-        "size": list(size),
-    }

@@ -16,8 +16,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from maskrcnn.engine.coco_metrics import CocoEvaluator, _category_names, resolve_backend
 from maskrcnn.engine.coco_results import prediction_to_coco
-from maskrcnn.engine.evaluator import CocoEvaluator, _category_names, resolve_backend
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -372,7 +372,7 @@ def test_save_writes_metrics_and_curves(coco_gt: dict, tmp_path: Path) -> None:
 
 
 def test_pr_curve_of_perfect_predictions_is_flat_one(coco_gt: dict) -> None:
-    from maskrcnn.engine.evaluator import pr_curves
+    from maskrcnn.engine.coco_metrics import pr_curves
 
     preds, ids = _perfect_predictions(coco_gt)
     evaluator = CocoEvaluator(coco_gt, iou_types=("bbox",), label_to_cat_id=LABEL_TO_CAT)

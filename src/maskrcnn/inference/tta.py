@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -24,10 +23,9 @@ from torchvision.ops import batched_nms, box_iou
 
 from maskrcnn.config import ModelConfig
 from maskrcnn.model.mask_rcnn import MaskRCNN
-from maskrcnn.model.pooler import poolable
 from maskrcnn.model.postprocess import paste_masks
 from maskrcnn.model.preprocess import Preprocessor, scale_boxes
-from maskrcnn.precision import autocast
+from maskrcnn.structures.detections import Detections
 from maskrcnn.structures.image_batch import ImageBatch
 
 MERGES = ("nms", "wbf")
@@ -140,21 +138,20 @@ class TTAConfig:
 
 @dataclass
 class ViewResult:
-    """One view's pooled feature levels (see ``poolable``) and box detections. Per image:
-    ``boxes`` (D, 4) xyxy in the view's resized pixels, ``scores`` (D,), ``labels`` (D,)."""
+    """One view's pooled feature levels (see ``poolable``) and, per image, its box
+    detections in the view's resized pixels."""
 
     view: View
     features: OrderedDict[str, Tensor]
     batch: ImageBatch
-    boxes: list[Tensor]
-    scores: list[Tensor]
-    labels: list[Tensor]
+    detections: list[Detections]
 
-    def boxes_in_original(self) -> list[Tensor]:
+    def in_original(self) -> list[Detections]:
+        """Per image the detections with their boxes in original-image pixels."""
         return [
-            self.view.boxes_from_view(b, size, orig)
-            for b, size, orig in zip(
-                self.boxes, self.batch.image_sizes, self.batch.original_sizes, strict=True
+            d._replace(boxes=self.view.boxes_from_view(d.boxes, size, orig))
+            for d, size, orig in zip(
+                self.detections, self.batch.image_sizes, self.batch.original_sizes, strict=True
             )
         ]
 
@@ -168,51 +165,31 @@ class ViewResult:
         ]
 
 
-def _model_precision(model: MaskRCNN, device: torch.device) -> AbstractContextManager[object]:
-    """The autocast ``model.predict`` runs its network under (see ``optimize_for_inference``)."""
-    return autocast(model.inference_precision, device)
-
-
 def run_view(model: MaskRCNN, images: list[Tensor], view: View) -> ViewResult:
-    """Backbone, RPN and box branch of ``model`` on the view of ``images`` (no mask head),
-    with the memory layout and precision of ``model.predict``."""
+    """The first stage of ``model.predict`` (backbone, RPN, box branch) on the view of
+    ``images``."""
     batch = view.prepare(model, images)
-    x = batch.tensor
-    if model.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with _model_precision(model, x.device):
-        features = model.backbone(x)
-        proposals, _ = model.rpn(batch, list(features.values()))
-        # The pooled levels in the form RoIAlign reads, converted once for boxes and masks.
-        features = poolable(features)
-        dets = model.roi_heads.detect_boxes(features, proposals, batch.image_sizes)
-    return ViewResult(
-        view, features, batch, [d[0] for d in dets], [d[1] for d in dets], [d[2] for d in dets]
-    )
+    features, detections = model.detect_boxes(batch)
+    return ViewResult(view, features, batch, detections)
 
 
-def merge_nms(
-    boxes: Tensor, scores: Tensor, labels: Tensor, iou_thresh: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-class NMS over the boxes of all views: (N, 4), (N,), (N,) → the kept ones,
-    best score first."""
-    keep = batched_nms(boxes, scores, labels, iou_thresh)
-    return boxes[keep], scores[keep], labels[keep]
+def merge_nms(dets: Detections, iou_thresh: float) -> Detections:
+    """Per-class NMS over the detections of all views → the kept ones, best score first."""
+    return dets.select(batched_nms(dets.boxes, dets.scores, dets.labels, iou_thresh))
 
 
-def merge_wbf(
-    boxes: Tensor, scores: Tensor, labels: Tensor, iou_thresh: float, num_views: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def merge_wbf(dets: Detections, iou_thresh: float, num_views: int) -> Detections:
     """Weighted box fusion of the boxes of all views, vectorised.
 
     Clusters: per-class NMS picks the cluster heads; every box joins the head of its class it
     overlaps most (NMS guarantees IoU > ``iou_thresh`` with at least one). A cluster's box is
     the score-weighted mean of its boxes; its score is the mean score times
     min(count, num_views) / num_views, as in Solovyev et al., so an object seen in only one
-    view of several is down-weighted. boxes: (N, 4); returns (K, 4), (K,), (K,), best first.
+    view of several is down-weighted. Returns the K clusters, best first.
     """
+    boxes, scores, labels = dets
     if boxes.shape[0] == 0:
-        return boxes, scores, labels
+        return dets
     heads = batched_nms(boxes, scores, labels, iou_thresh)
     iou = box_iou(boxes, boxes[heads])  # (N, K)
     iou[labels[:, None] != labels[heads][None, :]] = -1.0
@@ -224,27 +201,28 @@ def merge_wbf(
     count = scores.new_zeros(k).index_add_(0, cluster, torch.ones_like(scores))
     fused_scores = weight / count.clamp(min=float(num_views))
     order = fused_scores.argsort(descending=True, stable=True)
-    return fused[order], fused_scores[order], labels[heads][order]
+    return Detections(fused[order], fused_scores[order], labels[heads][order])
 
 
 def merge_views(
     results: list[ViewResult], cfg: TTAConfig, max_detections: int
-) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Per image (boxes (K, 4) in original pixels, scores (K,), labels (K,)), best first."""
-    per_view = [r.boxes_in_original() for r in results]
+) -> list[Detections]:
+    """Per image the detections of all views merged, in original pixels, best first."""
+    per_view = [r.in_original() for r in results]
     merged = []
-    for i in range(len(results[0].boxes)):
-        boxes = torch.cat([b[i] for b in per_view])
-        scores = torch.cat([r.scores[i] for r in results])
-        labels = torch.cat([r.labels[i] for r in results])
+    for i in range(len(results[0].detections)):
+        views = [v[i] for v in per_view]
+        dets = Detections(
+            torch.cat([d.boxes for d in views]),
+            torch.cat([d.scores for d in views]),
+            torch.cat([d.labels for d in views]),
+        )
         if len(results) > 1:
             if cfg.merge == "nms":
-                boxes, scores, labels = merge_nms(boxes, scores, labels, cfg.nms_thresh)
+                dets = merge_nms(dets, cfg.nms_thresh)
             else:
-                boxes, scores, labels = merge_wbf(
-                    boxes, scores, labels, cfg.nms_thresh, len(results)
-                )
-        merged.append((boxes[:max_detections], scores[:max_detections], labels[:max_detections]))
+                dets = merge_wbf(dets, cfg.nms_thresh, len(results))
+        merged.append(dets.select(slice(max_detections)))
     return merged
 
 
@@ -257,11 +235,8 @@ def average_mask_probs(
     all_labels = torch.cat(labels)
     total: Tensor | None = None
     for result, boxes in zip(results, view_boxes, strict=True):
-        with _model_precision(model, all_labels.device):
-            logits = model.roi_heads.mask_logits(
-                result.features, boxes, result.batch.image_sizes, all_labels
-            )
-            probs = result.view.masks_from_view(logits.sigmoid())
+        probs = model.mask_probs(result.features, boxes, result.batch.image_sizes, all_labels)
+        probs = result.view.masks_from_view(probs)
         total = probs if total is None else total + probs
     assert total is not None
     return list((total / len(results)).split([lab.shape[0] for lab in labels]))
@@ -274,14 +249,17 @@ def tta_predict(model: MaskRCNN, images: list[Tensor], cfg: TTAConfig) -> list[d
     (torchvision's format), best score first."""
     results = [run_view(model, images, v) for v in cfg.views()]
     merged = merge_views(results, cfg, model.roi_heads.detections_per_img)
-    boxes = [m[0] for m in merged]
-    labels = [m[2] for m in merged]
+    boxes = [m.boxes for m in merged]
+    labels = [m.labels for m in merged]
     # With one view nothing was merged: its own boxes, so that the identity view alone gives
     # the plain model's output bit for bit (no round trip through original pixels).
-    single = len(results) == 1
-    view_boxes = [results[0].boxes] if single else [r.to_view(boxes) for r in results]
+    if len(results) == 1:
+        view_boxes = [[d.boxes for d in results[0].detections]]
+    else:
+        view_boxes = [r.to_view(boxes) for r in results]
     probs = average_mask_probs(model, results, view_boxes, labels)
     return [
-        {"boxes": b, "labels": lab, "scores": s, "masks": paste_masks(p, b, size)}
-        for (b, s, lab), p, size in zip(merged, probs, results[0].batch.original_sizes, strict=True)
+        {"boxes": m.boxes, "labels": m.labels, "scores": m.scores,
+         "masks": paste_masks(p, m.boxes, size)}
+        for m, p, size in zip(merged, probs, results[0].batch.original_sizes, strict=True)
     ]

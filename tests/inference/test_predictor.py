@@ -12,11 +12,12 @@ from pycocotools import mask as mask_utils
 from torchvision.ops import FrozenBatchNorm2d
 
 from maskrcnn.data.errors import DatasetError
+from maskrcnn.data.image_input import ImageInput, to_float_image
 from maskrcnn.data.image_io import read_image
 from maskrcnn.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from maskrcnn.export_metadata import make_metadata
-from maskrcnn.predictor import ImageInput, Prediction, Predictor, to_float_image
-from maskrcnn.tta import TTAConfig
+from maskrcnn.export.metadata import make_metadata
+from maskrcnn.inference.predictor import Prediction, Predictor
+from maskrcnn.inference.tta import TTAConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -225,7 +226,7 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
 def test_devices_the_machine_lacks_are_named() -> None:
-    from maskrcnn.predictor import pick_device
+    from maskrcnn.inference.predictor import pick_device
 
     assert pick_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="'gpu': not a device name"):

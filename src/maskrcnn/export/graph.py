@@ -39,8 +39,9 @@ def as_float(value: int, like: Tensor) -> Tensor:
     return torch.full((), value, dtype=torch.float32, device=like.device)
 
 
-def resized_size(image: Tensor, min_size: float, max_size: float) -> tuple[int, int]:
-    """(h, w) of ``image`` (3, H, W) resized as ``Preprocessor`` does: floor(side * scale),
+def traced_resized_size(image: Tensor, min_size: float, max_size: float) -> tuple[int, int]:
+    """(h, w) of ``image`` (3, H, W) resized as ``Preprocessor`` does, as traceable tensor
+    arithmetic (``model.preprocess.resized_size`` is the eager form): floor(side * scale),
     at least 1, scale = min(min_size / short side, max_size / long side), in float64 like
     Python (the clamp keeps the short side of a very wide or tall image from becoming 0).
 
@@ -149,7 +150,7 @@ class ExportableMaskRCNN(nn.Module):
         """Normalise, resize and zero-pad to a multiple of ``size_divisible``: the image
         (3, H_pad, W_pad) and its resized (h, w) before padding."""
         image = (image - self.mean) / self.std
-        rh, rw = resized_size(image, self.min_size, self.max_size)
+        rh, rw = traced_resized_size(image, self.min_size, self.max_size)
         image = F.interpolate(image[None], size=(rh, rw), mode="bilinear", align_corners=False)[0]
         d = self.size_divisible
         ph, pw = (rh + d - 1) // d * d, (rw + d - 1) // d * d

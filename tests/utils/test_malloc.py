@@ -13,7 +13,7 @@ import pytest
 # with glibc's defaults the block is a fresh map each time (16,384 pages to fault).
 PROBE = """
 import resource, sys, torch
-from maskrcnn import malloc
+from maskrcnn.utils import malloc
 applied = malloc.retain_freed_memory()
 for _ in range(6):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -1,5 +1,5 @@
 """Run an ONNX file written by ``maskrcnn.export.export_onnx`` under onnxruntime, with the
-interface of :class:`maskrcnn.predictor.Predictor` (same inputs, same ``Prediction``s)."""
+interface of :class:`maskrcnn.inference.predictor.Predictor` (same inputs, same ``Prediction``s)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from maskrcnn.export_metadata import METADATA_KEY, ExportMetadata
-from maskrcnn.predictor import ImageInput, Prediction, to_float_image
+from maskrcnn.data.image_input import ImageInput, to_float_image
+from maskrcnn.export.metadata import METADATA_KEY, ExportMetadata
+from maskrcnn.inference.predictor import Prediction
 
 
 class OnnxPredictor:

@@ -15,12 +15,13 @@ from typing import Any, NamedTuple
 from torch import Tensor
 from tqdm import tqdm
 
-from maskrcnn.atomic import write_text_atomic
 from maskrcnn.data.errors import DatasetError
+from maskrcnn.data.image_input import to_float_image
 from maskrcnn.data.image_io import read_image
-from maskrcnn.onnx_predictor import OnnxPredictor
-from maskrcnn.predictor import Prediction, Predictor, to_float_image
-from maskrcnn.visualize import draw_instances, save_overlay
+from maskrcnn.export.onnx_predictor import OnnxPredictor
+from maskrcnn.inference.predictor import Prediction, Predictor
+from maskrcnn.utils.atomic import write_text_atomic
+from maskrcnn.utils.visualize import draw_instances, save_overlay
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}

@@ -10,11 +10,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from maskrcnn.data.coco import CocoDataset
+from maskrcnn.data.image_input import ImageInput
 from maskrcnn.data.synthetic import make_synthetic_coco
 from maskrcnn.data.transforms import build_transforms
 from maskrcnn.engine.evaluation import save_overlays
-from maskrcnn.predictor import ImageInput
-from maskrcnn.visualize import (
+from maskrcnn.utils.visualize import (
     ALPHA,
     draw_instances,
     instance_colors,

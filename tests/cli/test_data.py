@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maskrcnn.data.cli import register
+from maskrcnn.cli.data import register
 
 
 def _run(argv: list[str]) -> int:

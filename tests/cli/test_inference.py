@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from maskrcnn import predict_files
-from maskrcnn.cli import main
+from maskrcnn.cli.main import main
 from maskrcnn.data.coco import CocoDataset
 from maskrcnn.data.transforms import build_transforms
 from maskrcnn.engine.evaluation import evaluate
-from maskrcnn.predict_files import find_images, overlay_names
-from maskrcnn.predictor import Prediction, Predictor
+from maskrcnn.inference import files as predict_files
+from maskrcnn.inference.files import find_images, overlay_names
+from maskrcnn.inference.predictor import Prediction, Predictor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -206,7 +206,7 @@ def test_out_must_be_a_folder_and_old_results_are_announced(
 def test_score_thresh_defaults_to_none_so_onnx_metadata_can_apply(tmp_path: Path) -> None:
     """None: the ONNX file's own score_thresh (tested in test_export.py), else 0.5 (the
     Predictor's default, which test_predict_results_equal_the_predictor relies on)."""
-    from maskrcnn.cli import build_parser
+    from maskrcnn.cli.main import build_parser
 
     args = build_parser().parse_args(["predict", "m.onnx", "x.png", "--out", str(tmp_path)])
     assert args.score_thresh is None

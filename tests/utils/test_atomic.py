@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from maskrcnn.atomic import atomic_write, write_text_atomic
+from maskrcnn.utils.atomic import atomic_write, write_text_atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:

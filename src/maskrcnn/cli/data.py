@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from maskrcnn.data.checks import check_dataset
-from maskrcnn.data.converters import labelme_to_coco, mask_pngs_to_coco, yolo_seg_to_coco
-from maskrcnn.data.errors import DatasetError
-from maskrcnn.data.synthetic import make_synthetic_coco
+from maskrcnn.cli.errors import CommandError
 
 
 def _run_check(args: argparse.Namespace) -> int:
+    from maskrcnn.data.checks import check_dataset
+
     report = check_dataset(args.ann_file, args.images, search_subfolders=args.search_subfolders,
                            allow_outside_root=args.allow_outside_root)
     print(report.summary_table(examples=len(report.findings) if args.all else 2))
@@ -33,6 +31,9 @@ def _describe(out: Path) -> int:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
+    from maskrcnn.data.converters import labelme_to_coco, mask_pngs_to_coco, yolo_seg_to_coco
+    from maskrcnn.data.errors import DatasetError
+
     try:
         if args.format == "labelme":
             return _describe(labelme_to_coco(args.folder, args.out))
@@ -41,19 +42,19 @@ def _run_convert(args: argparse.Namespace) -> int:
             return _describe(yolo_seg_to_coco(args.root, args.out, names))
         return _describe(mask_pngs_to_coco(args.images_dir, args.masks_dir, args.out,
                                            args.category))
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except DatasetError as err:
+        raise CommandError(str(err)) from None
 
 
 def _run_synth(args: argparse.Namespace) -> int:
+    from maskrcnn.data.synthetic import make_synthetic_coco
+
     try:
         path = make_synthetic_coco(args.out, args.images, size=args.size, seed=args.seed,
                                    split_name=args.split, empty_fraction=args.empty_fraction,
                                    max_objects=args.max_objects)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except ValueError as err:
+        raise CommandError(str(err)) from None
     print(f"wrote {path} and {args.images} images under {Path(args.out) / args.split}")
     return 0
 

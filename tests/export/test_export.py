@@ -25,23 +25,23 @@ from torch.export import ExportedProgram
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-import maskrcnn.export as export_module
-from maskrcnn.cli import main
+import maskrcnn.export.api as export_module
+from maskrcnn.bench import bench_onnxruntime
+from maskrcnn.cli.inference import load_onnx_predictor
+from maskrcnn.cli.main import main
 from maskrcnn.data.image_io import read_image
+from maskrcnn.engine.build import model_from_checkpoint
 from maskrcnn.engine.trainer import Trainer
-from maskrcnn.export import (
+from maskrcnn.export.api import (
     OnnxPredictor,
-    bench_onnxruntime,
     export_program,
     export_torch,
     image_to_input,
     load_torch_export,
-    model_from_checkpoint,
 )
-from maskrcnn.export_model import ExportableMaskRCNN
-from maskrcnn.inference_cli import load_onnx_predictor
+from maskrcnn.export.graph import ExportableMaskRCNN
+from maskrcnn.inference.predictor import Predictor
 from maskrcnn.model.mask_rcnn import MaskRCNN
-from maskrcnn.predictor import Predictor
 from tiny_run import tiny_config
 
 NAMES = ("boxes", "labels", "scores", "masks")
@@ -69,7 +69,8 @@ def exported(one_thread: None, tmp_path_factory: pytest.TempPathFactory) -> Expo
     Trainer(tiny_config(run, *overrides), show_progress=False).train()
     out = tmp_path_factory.mktemp("exported")
     checkpoint = run / "last.pth"
-    model, names, label_map = model_from_checkpoint(checkpoint)
+    trained = model_from_checkpoint(checkpoint)
+    model, names, label_map = trained.model, trained.class_names, trained.label_to_cat_id
     program = export_program(model)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(export_module, "export_program", lambda _model: program)

@@ -11,8 +11,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from maskrcnn.atomic import atomic_write
-from maskrcnn.predictor import ImageInput, to_float_image
+from maskrcnn.data.image_input import ImageInput, to_float_image
+from maskrcnn.utils.atomic import atomic_write
 
 ALPHA = 0.45
 
@@ -50,7 +50,7 @@ def text_color(color: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def to_uint8_hwc(image: ImageInput) -> np.ndarray:
-    """Any image :func:`~maskrcnn.predictor.to_float_image` takes (path, PIL image, grey,
+    """Any image :func:`~maskrcnn.data.image_input.to_float_image` takes (path, PIL image, grey,
     RGB or RGBA numpy array, (3, H, W) or (1, H, W) tensor; uint8 or float in [0, 1])
     → (H, W, 3) uint8, the same picture the predictor sees."""
     floats = to_float_image(image.detach() if isinstance(image, Tensor) else image)

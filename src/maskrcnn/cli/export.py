@@ -8,20 +8,22 @@ import sys
 import time
 from pathlib import Path
 
-from maskrcnn.cli_args import probability
-from maskrcnn.engine.checkpoint import CheckpointError
+from maskrcnn.cli.args import probability
+from maskrcnn.cli.errors import CommandError
 
 FORMATS = ("onnx", "torch-export")
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from maskrcnn.export import export_onnx, export_torch, model_from_checkpoint
+    from maskrcnn.engine.build import model_from_checkpoint
+    from maskrcnn.engine.checkpoint import CheckpointError
+    from maskrcnn.export.api import export_onnx, export_torch
 
     try:
-        model, names, label_map = model_from_checkpoint(args.checkpoint)
+        trained = model_from_checkpoint(args.checkpoint)
     except (CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        raise CommandError(str(err)) from None
+    model, names, label_map = trained.model, trained.class_names, trained.label_to_cat_id
     print(f"exporting {args.checkpoint} to {args.format} (tracing and translating take a "
           "minute or so)...", file=sys.stderr, flush=True)
     start = time.perf_counter()
@@ -32,15 +34,13 @@ def _run_export(args: argparse.Namespace) -> int:
         else:
             path = export_torch(model, args.out, names, label_map, score_thresh=args.score_thresh)
     except ImportError as err:  # onnxscript (the ONNX exporter's backend) is missing
-        print(f"error: {err}; install the export extra: pip install 'maskrcnn[export]'",
-              file=sys.stderr)
-        return 1
+        raise CommandError(
+            f"{err}; install the export extra: pip install 'maskrcnn[export]'"
+        ) from None
     except ValueError as err:  # e.g. the exporter did not produce the opset asked for
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        raise CommandError(str(err)) from None
     except OSError as err:  # a full disk: the previous file, if any, is left as it was
-        print(f"error: {args.out}: {err}", file=sys.stderr)
-        return 1
+        raise CommandError(f"{args.out}: {err}") from None
     seconds = time.perf_counter() - start
     size_mb = path.stat().st_size / 2**20
     print(f"wrote {path} ({args.format}, {size_mb:.1f} MiB) in {seconds:.0f} s")
@@ -52,7 +52,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def _opset(text: str) -> int:
     """An --opset value: an int of at least ``MIN_OPSET`` (what the exporter can write)."""
-    from maskrcnn.export import MIN_OPSET
+    from maskrcnn.export.api import MIN_OPSET  # torch: only once `export` is chosen
 
     try:
         value = int(text)

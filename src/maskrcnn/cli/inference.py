@@ -5,35 +5,22 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
-from tqdm import tqdm
+from maskrcnn.cli.args import positive_floats, positive_int, probability
+from maskrcnn.cli.errors import USAGE, CommandError
 
-from maskrcnn.cli_args import positive_floats, positive_int, probability
-from maskrcnn.data.coco import CocoDataset
-from maskrcnn.data.errors import DatasetError
-from maskrcnn.engine.checkpoint import CheckpointError
-from maskrcnn.engine.evaluator import CocoEvaluator
-from maskrcnn.engine.summary import KEYS, format_metrics
-from maskrcnn.onnx_predictor import OnnxPredictor
-from maskrcnn.predict_files import (
-    PredictionWriter,
-    find_images,
-    not_reached,
-    overlay_names,
-    predict_summary,
-    prepare_out,
-    read_batches,
-)
-from maskrcnn.predictor import Predictor, to_float_image
-from maskrcnn.tta import TTAConfig
+if TYPE_CHECKING:
+    from maskrcnn.export.onnx_predictor import OnnxPredictor
+    from maskrcnn.inference.predictor import Predictor
+    from maskrcnn.inference.tta import TTAConfig
 
 
 def tta_from_args(args: argparse.Namespace) -> TTAConfig | None:
+    from maskrcnn.inference.tta import TTAConfig
+
     if not args.tta:
         return None
     return TTAConfig(hflip=True, vflip=args.tta_vflip, scales=args.tta_scales,
@@ -47,8 +34,11 @@ def fast_from_args(args: argparse.Namespace) -> str | None:
 
 def load_predictor(
     args: argparse.Namespace, score_thresh: float, optimize: str | None = None
-) -> Predictor | None:
-    """The checkpoint's predictor, or None after printing why it cannot be loaded."""
+) -> Predictor:
+    """The checkpoint's predictor; a CommandError says why it cannot be loaded."""
+    from maskrcnn.engine.checkpoint import CheckpointError
+    from maskrcnn.inference.predictor import Predictor
+
     try:
         return Predictor.from_checkpoint(
             args.checkpoint,
@@ -58,46 +48,50 @@ def load_predictor(
             optimize=optimize,
         )
     except (CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return None
+        raise CommandError(str(err)) from None
 
 
-def load_onnx_predictor(args: argparse.Namespace) -> OnnxPredictor | None:
-    """``--backend onnxruntime``: a predictor for the exported ONNX file, or None after
-    printing why it cannot be used."""
+def load_onnx_predictor(args: argparse.Namespace) -> OnnxPredictor:
+    """``--backend onnxruntime``: a predictor for the exported ONNX file; a CommandError
+    says why it cannot be used."""
+    from maskrcnn.export.onnx_predictor import OnnxPredictor
+
     for flag in ("tta", "fast"):
         if getattr(args, flag):
-            print(f"error: --{flag} is not available with --backend onnxruntime",
-                  file=sys.stderr)
-            return None
+            raise CommandError(f"--{flag} is not available with --backend onnxruntime")
     try:
         # None: the score threshold stored in the file by `maskrcnn export --score-thresh`.
         return OnnxPredictor(args.checkpoint, score_thresh=args.score_thresh)
     except (ImportError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return None
+        raise CommandError(str(err)) from None
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    predictor: Predictor | OnnxPredictor | None
+    from maskrcnn.inference.files import (
+        PredictionWriter,
+        find_images,
+        not_reached,
+        overlay_names,
+        predict_summary,
+        prepare_out,
+        read_batches,
+    )
+
+    predictor: Predictor | OnnxPredictor
     if args.backend == "onnxruntime":
         predictor = load_onnx_predictor(args)
     else:
         score_thresh = 0.5 if args.score_thresh is None else args.score_thresh
         predictor = load_predictor(args, score_thresh, optimize=fast_from_args(args))
-    if predictor is None:
-        return 1
     files, skipped = find_images(args.inputs)
     for s in skipped:
         print(f"skipped {s.file_name}: {s.reason}", file=sys.stderr)
     out = Path(args.out)
     if not files:  # nothing to do: an earlier run's results in --out stay as they are
-        print(f"error: no image to predict; {out} is left as it was", file=sys.stderr)
-        return 1
+        raise CommandError(f"no image to predict; {out} is left as it was")
     problem = prepare_out(out)
     if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        raise CommandError(problem, USAGE)
     writer = PredictionWriter(predictor, out, overlay_names(files) if args.overlays else None)
     # predictions.json is written however the loop ends (Ctrl-C included): the results of
     # the images done so far are never lost.
@@ -113,84 +107,10 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0 if writer.images else 1
 
 
-def _dataset_batches(
-    dataset: CocoDataset, batch_size: int, skipped: dict[int, str], desc: str
-) -> Iterator[tuple[list[int], list[Tensor]]]:
-    """(image ids, (3, H, W) uint8 images) of ``dataset``; unreadable images are recorded in
-    ``skipped`` (image id → reason), reported once, and left out."""
-    ids: list[int] = []
-    images: list[Tensor] = []
-    for index in tqdm(range(len(dataset)), desc=desc, unit="img"):
-        try:
-            image, target = dataset[index]
-        except DatasetError as err:
-            if dataset.image_ids[index] not in skipped:
-                tqdm.write(f"skipped {err}", file=sys.stderr)
-            skipped[dataset.image_ids[index]] = str(err)
-            continue
-        ids.append(int(target["image_id"]))
-        images.append(image)
-        if len(ids) == batch_size:
-            yield ids, images
-            ids, images = [], []
-    if ids:
-        yield ids, images
-
-
-def match_categories(predictor: Predictor, dataset: CocoDataset) -> dict[int, int]:
-    """The dataset's category id of each of the model's labels. The checkpoint's categories
-    (name and id per label) are the dataset's, or the same names under other ids (then they
-    are matched by name, saying so); anything else is a ValueError listing both, since the
-    scores would otherwise be computed against the wrong classes."""
-    ours = dict(zip(dataset.class_names[1:], dataset.label_to_cat_id.values(), strict=True))
-    names, ids = predictor.class_names, predictor.label_to_cat_id
-    if names is None or ids is None:  # a checkpoint that does not say: trust the dataset
-        if predictor.model.cfg.num_classes != len(dataset.class_names):
-            raise ValueError(
-                f"the model predicts {predictor.model.cfg.num_classes - 1} classes but "
-                f"{dataset.ann_file} has {len(dataset.class_names) - 1} categories"
-            )
-        return dict(dataset.label_to_cat_id)
-    theirs = {names[label]: cat for label, cat in ids.items()}
-    if theirs == ours:
-        return dict(ids)
-    if set(theirs) == set(ours):
-        print(f"warning: {dataset.ann_file}: category ids differ from the checkpoint's; "
-              "matched by name", file=sys.stderr)
-        return {label: ours[names[label]] for label in ids}
-    raise ValueError(
-        f"{dataset.ann_file}: its categories {sorted(ours.items(), key=lambda x: x[1])} are "
-        f"not the checkpoint's {sorted(theirs.items(), key=lambda x: x[1])} (name, id); "
-        "evaluate on data annotated with the model's classes"
-    )
-
-
-def evaluate_predictor(
-    predictor: Predictor,
-    dataset: CocoDataset,
-    batch_size: int,
-    skipped: dict[int, str],
-    label_map: dict[int, int],
-    desc: str = "eval",
-) -> tuple[CocoEvaluator, float, int]:
-    """A CocoEvaluator fed with the predictor's output on ``dataset`` (its labels mapped to
-    the dataset's category ids by ``label_map``, see :func:`match_categories`), the model's
-    seconds per image, and the number of images evaluated."""
-    evaluator = CocoEvaluator(dataset.coco_json, label_to_cat_id=label_map)
-    seconds, done = 0.0, 0
-    for ids, images in _dataset_batches(dataset, batch_size, skipped, desc):
-        start = time.perf_counter()
-        preds = predictor.predict_batch([to_float_image(im) for im in images])
-        seconds += time.perf_counter() - start
-        fields = [{"boxes": p.boxes, "labels": p.labels, "scores": p.scores, "masks": p.masks}
-                  for p in preds]
-        evaluator.update(fields, ids)
-        done += len(ids)
-    return evaluator, seconds / max(done, 1), done
-
-
 def format_comparison(rows: Sequence[tuple[str, dict[str, Any], float]]) -> str:
     """One line per IoU type and run (``rows``: name, metrics, seconds per image)."""
+    from maskrcnn.engine.summary import KEYS
+
     width = max(len(name) for name, _, _ in rows) + 6
     lines = [" " * width + "".join(f"{k:>8}" for k in KEYS) + f"{'s/img':>9}"]
     for iou_type in ("bbox", "segm"):
@@ -201,9 +121,13 @@ def format_comparison(rows: Sequence[tuple[str, dict[str, Any], float]]) -> str:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from maskrcnn.data.coco import CocoDataset
+    from maskrcnn.data.errors import DatasetError
+    from maskrcnn.engine.summary import format_metrics
+    from maskrcnn.inference.files import prepare_out
+    from maskrcnn.inference.scoring import evaluate_predictor, match_categories
+
     base = load_predictor(args, score_thresh=0.0)
-    if base is None:
-        return 1
     predictors = {"": base}
     if args.fast:  # the same weights, read once, on the fast path
         fast = copy.copy(base)
@@ -213,13 +137,11 @@ def _run_eval(args: argparse.Namespace) -> int:
         dataset = CocoDataset(args.data, args.images, search_subfolders=args.search_subfolders)
         label_map = match_categories(base, dataset)  # before any work
     except (DatasetError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        raise CommandError(str(err)) from None
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
     problem = prepare_out(out)  # before the evaluation, not after it
     if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        raise CommandError(problem, USAGE)
     skipped: dict[int, str] = {}
     rows: list[tuple[str, dict[str, Any], float]] = []
     folders = []
@@ -234,8 +156,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                 desc=f"eval {label}".strip(),
             )
             if done == 0:
-                print(f"error: none of the {len(dataset)} images could be read", file=sys.stderr)
-                return 1
+                raise CommandError(f"none of the {len(dataset)} images could be read")
             folder = out.joinpath(*(x.lower() for x in (mode, name) if x))
             rows.append((label, evaluator.save(folder), seconds))
             folders.append(folder)

@@ -1,0 +1,2 @@
+"""Helpers every layer may use: atomic file writes, the allocator setting, autocast
+precisions, drawing of instances."""
