@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -10,15 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maskrcnn.cli.data import register
-
-
-def _run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="maskrcnn")
-    register(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    code: int = args.func(args)
-    return code
+from maskrcnn.cli.main import main as _run
 
 
 def test_synth_then_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

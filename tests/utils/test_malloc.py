@@ -11,8 +11,10 @@ import pytest
 # Allocate, write and free a 64 MiB tensor six times; print the page faults of the last
 # round. Retained, the heap settles on reusing two blocks within the first three rounds;
 # with glibc's defaults the block is a fresh map each time (16,384 pages to fault).
+# torchvision is imported first, as every maskrcnn process does before its first image
+# (without it, in a bare torch process, glibc serves this block from a fresh map each time).
 PROBE = """
-import resource, sys, torch
+import resource, sys, torch, torchvision
 from maskrcnn.utils import malloc
 applied = malloc.retain_freed_memory()
 for _ in range(6):
