@@ -42,7 +42,13 @@ class ModelConfig:
 
     num_classes: int = 91
     backbone: str = "resnet50"
+    # A file, or "imagenet": torchvision's ImageNet weights of the backbone (torch hub cache).
     backbone_weights: str | None = None
+    # A trained detector to start from: a weights name (coco; `maskrcnn weights list`) or a
+    # file (a state dict, or a checkpoint of an earlier run). Other classes than the source's:
+    # see maskrcnn.model.pretrained; class_map maps a dataset class name to the source's.
+    weights: str | None = None
+    class_map: dict[str, str] = field(default_factory=dict)
     trainable_backbone_layers: int = 3
     # Normalisation in the trainable backbone stages: frozen (FrozenBatchNorm2d, torchvision's
     # choice), bn (BatchNorm2d, batch statistics in training), syncbn (bn, synchronised
@@ -100,6 +106,13 @@ class ModelConfig:
         if not 0 <= self.trainable_backbone_layers <= 5:
             raise ValueError(
                 f"trainable_backbone_layers must be in [0, 5], got {self.trainable_backbone_layers}"
+            )
+        if not isinstance(self.class_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.class_map.items()
+        ):
+            raise ValueError(
+                f"class_map must map dataset class names to source class names, got "
+                f"{self.class_map!r}"
             )
         if isinstance(self.loss_weights, dict):  # built from YAML
             object.__setattr__(self, "loss_weights", LossWeights(**self.loss_weights))

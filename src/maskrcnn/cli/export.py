@@ -75,7 +75,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "and masks at the input size; resizing, normalisation and post-processing are inside. "
         "Class names, the label → category id map and thresholds go in the file's metadata.",
     )
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint written by `maskrcnn train`")
+    p.add_argument("checkpoint", metavar="CKPT",
+                   help="checkpoint written by `maskrcnn train`, or a weights name such as "
+                   "coco (`maskrcnn weights list`)")
     p.add_argument("--format", choices=FORMATS, default="onnx",
                    help="onnx (run with onnxruntime) or torch-export (.pt2); default onnx")
     p.add_argument("--out", required=True, type=Path, metavar="FILE", help="output file")

@@ -173,7 +173,9 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint written by `maskrcnn train`")
+    p.add_argument("checkpoint", metavar="CKPT",
+                   help="checkpoint written by `maskrcnn train`, or a weights name such as "
+                   "coco (`maskrcnn weights list`)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if present)")
     p.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
                    help="images per batch (default 1)")

@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from maskrcnn.cli import bench, data, export, inference, train
+from maskrcnn.cli import bench, data, export, inference, train, weights
 from maskrcnn.cli.errors import USAGE, CommandError
 
 
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         "default.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (train, bench, data, inference, export):
+    for command in (train, bench, data, inference, export, weights):
         command.register(sub)
     return parser
 
@@ -33,8 +33,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     from maskrcnn.data.errors import DatasetError
     from maskrcnn.engine.checkpoint import CheckpointError
+    from maskrcnn.model.weights import WeightsError
 
-    return DatasetError, CheckpointError, yaml.YAMLError
+    return DatasetError, CheckpointError, WeightsError, yaml.YAMLError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,8 @@ from maskrcnn.data.transforms import build_transforms
 from maskrcnn.engine.checkpoint import CheckpointError, load_checkpoint
 from maskrcnn.model.backbone import mobilenet_weights_path
 from maskrcnn.model.mask_rcnn import MaskRCNN
+from maskrcnn.model.pretrained import load_detector, source_of
+from maskrcnn.model.weights import NamedWeights, WeightsError, lookup
 
 log = logging.getLogger("maskrcnn")
 
@@ -94,8 +96,18 @@ def resolve_model_config(cfg: ModelConfig, class_names: list[str]) -> ModelConfi
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
-def build_model(cfg: ModelConfig, device: torch.device) -> MaskRCNN:
-    return MaskRCNN(cfg).to(device)
+def build_model(
+    cfg: ModelConfig, device: torch.device, class_names: list[str] | None = None
+) -> MaskRCNN:
+    """The model of ``cfg`` on ``device``, started from ``cfg.weights`` when set (its rows of
+    the classes in ``class_names`` that the source has too; see ``model.pretrained``)."""
+    if cfg.weights is None:
+        return MaskRCNN(cfg).to(device)
+    source = source_of(cfg.weights, cfg.backbone)  # checked before building anything
+    # The detector's weights replace the backbone's: no ImageNet file is read for nothing.
+    model = MaskRCNN(dataclasses.replace(cfg, backbone_weights=None))
+    load_detector(model, source, cfg.backbone, class_names, cfg.class_map)
+    return model.to(device)
 
 
 @dataclasses.dataclass
@@ -109,10 +121,26 @@ class TrainedModel:
     label_to_cat_id: dict[int, int] | None
 
 
+def model_from_weights(entry: NamedWeights) -> TrainedModel:
+    """torchvision's detector ``entry`` (e.g. COCO_V1) as our model, with torchvision's
+    settings and its class names; its labels are COCO category ids."""
+    if entry.kind != "detector":
+        raise WeightsError(f"{entry.name} are a backbone's ImageNet weights, not a detector's")
+    model = MaskRCNN(ModelConfig(backbone=entry.backbone))
+    load_detector(model, source_of(entry.name), entry.backbone)
+    names = entry.categories
+    label_map = {i: i for i, name in enumerate(names) if i > 0 and name != "N/A"}
+    return TrainedModel(model.eval(), names, label_map)
+
+
 def model_from_checkpoint(path: str | Path) -> TrainedModel:
-    """The model of a checkpoint written by the trainer (read with ``weights_only=True``), on
-    the CPU in eval mode; a :class:`CheckpointError` if the file is not one or its weights do
-    not fit its config."""
+    """The model of a checkpoint written by the trainer (read with ``weights_only=True``), or
+    of a weights name (``coco``; see ``maskrcnn weights list``), on the CPU in eval mode; a
+    :class:`CheckpointError` if the file is not a checkpoint or its weights do not fit its
+    config."""
+    entry = lookup(str(path)) if not Path(path).exists() else None
+    if entry is not None:
+        return model_from_weights(entry)
     state = load_checkpoint(path)
     config = state.get("config")
     if "model" not in state or not isinstance(config, dict) or "model" not in config:
@@ -123,7 +151,7 @@ def model_from_checkpoint(path: str | Path) -> TrainedModel:
     cfg = from_dict(ModelConfig, config["model"])
     # The weights come from the checkpoint: never read the ImageNet file of the training
     # machine, which may not exist here.
-    model = MaskRCNN(dataclasses.replace(cfg, backbone_weights=None))
+    model = MaskRCNN(dataclasses.replace(cfg, backbone_weights=None, weights=None))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:

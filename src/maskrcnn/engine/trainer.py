@@ -85,7 +85,9 @@ class Trainer:
         self.cfg = cfg
         self.precision = resolve_precision(cfg.solver.precision, self.device)
         self.net: torch.nn.Module = (
-            build_model(cfg.model, self.device) if net is None else net.to(self.device)
+            build_model(cfg.model, self.device, self.train_set.class_names)
+            if net is None
+            else net.to(self.device)
         )
         if self.device.type == "cpu":
             # oneDNN's convolutions and the RoIAlign gathers (model/pooler.py) are fastest on

@@ -155,6 +155,13 @@ class Predictor:
             optimize=optimize,
         )
 
+    @classmethod
+    def from_pretrained(cls, name: str | Path, **options: Any) -> Predictor:
+        """:meth:`from_checkpoint` that also takes a weights name: ``coco`` (torchvision's
+        COCO-trained Mask R-CNN, from the torch hub cache; see ``maskrcnn weights list``) or a
+        training checkpoint's path. ``options`` are those of :meth:`from_checkpoint`."""
+        return cls.from_checkpoint(name, **options)
+
     def __call__(
         self,
         inputs: ImageInput | Sequence[ImageInput],

