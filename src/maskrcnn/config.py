@@ -22,6 +22,7 @@ import yaml
 T = TypeVar("T")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "vgg16")
 NORMS = ("frozen", "bn", "syncbn", "gn")
+ARCHS = ("v1", "v2")
 RECIPES = "maskrcnn.configs"  # the package holding the shipped recipes (YAML)
 
 
@@ -54,6 +55,9 @@ class ModelConfig:
     # choice), bn (BatchNorm2d, batch statistics in training), syncbn (bn, synchronised
     # across processes on CUDA), gn (GroupNorm). Frozen stages always keep frozen norms.
     norm: str = "frozen"
+    # v1: torchvision's maskrcnn_resnet50_fpn. v2: its maskrcnn_resnet50_fpn_v2 (BatchNorm in
+    # the FPN and the heads, a two-conv RPN head, a four-conv + one-fc box head).
+    arch: str = "v1"
     fpn_channels: int = 256
     # pre-processing (GeneralizedRCNNTransform)
     min_size: int | tuple[int, ...] = 800
@@ -96,6 +100,8 @@ class ModelConfig:
             raise ValueError(
                 f"num_classes must count the background too (>= 2), got {self.num_classes}"
             )
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {ARCHS}")
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
         if self.norm != "frozen" and self.backbone == "vgg16":

@@ -14,10 +14,9 @@ def _run_list(_: argparse.Namespace) -> int:
     for entry in CATALOGUE:
         cached = "cached" if (folder / entry.file_name).is_file() else "not downloaded"
         aliases = f" ({', '.join(entry.aliases)})" if entry.aliases else ""
-        if entry.arch != "v1":
-            use = f"needs the {entry.arch} architecture, not built in this version"
-        elif entry.kind == "detector":
-            use = "model.weights=NAME, or NAME as CKPT"
+        if entry.kind == "detector":
+            arch = f" model.arch={entry.arch}" if entry.arch != "v1" else ""
+            use = f"model.weights=NAME{arch}, or NAME as CKPT"
         else:
             use = "model.backbone_weights=imagenet"
         print(f"{entry.name}{aliases}\n    {entry.kind} {entry.backbone} {entry.arch}; "

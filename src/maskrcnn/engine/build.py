@@ -103,10 +103,10 @@ def build_model(
     the classes in ``class_names`` that the source has too; see ``model.pretrained``)."""
     if cfg.weights is None:
         return MaskRCNN(cfg).to(device)
-    source = source_of(cfg.weights, cfg.backbone)  # checked before building anything
+    source = source_of(cfg.weights, cfg.backbone, cfg.arch)  # checked before building anything
     # The detector's weights replace the backbone's: no ImageNet file is read for nothing.
     model = MaskRCNN(dataclasses.replace(cfg, backbone_weights=None))
-    load_detector(model, source, cfg.backbone, class_names, cfg.class_map)
+    load_detector(model, source, cfg.backbone, class_names, cfg.class_map, cfg.arch)
     return model.to(device)
 
 
@@ -126,8 +126,9 @@ def model_from_weights(entry: NamedWeights) -> TrainedModel:
     settings and its class names; its labels are COCO category ids."""
     if entry.kind != "detector":
         raise WeightsError(f"{entry.name} are a backbone's ImageNet weights, not a detector's")
-    model = MaskRCNN(ModelConfig(backbone=entry.backbone))
-    load_detector(model, source_of(entry.name), entry.backbone)
+    model = MaskRCNN(ModelConfig(backbone=entry.backbone, arch=entry.arch))
+    load_detector(model, source_of(entry.name, entry.backbone, entry.arch), entry.backbone,
+                  arch=entry.arch)
     names = entry.categories
     label_map = {i: i for i, name in enumerate(names) if i > 0 and name != "N/A"}
     return TrainedModel(model.eval(), names, label_map)

@@ -58,7 +58,7 @@ def exportable(model: MaskRCNN) -> ExportableMaskRCNN:
     """The export graph of a CPU, eval-mode copy of ``model`` with FrozenBatchNorm folded
     into the convolutions (``model`` itself is left as it is)."""
     copy_ = copy.deepcopy(model).cpu().float().eval()
-    fold_batchnorm(copy_.backbone)
+    fold_batchnorm(copy_)  # the backbone's norms, and in v2 those of the FPN and heads
     return ExportableMaskRCNN(copy_).eval()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import pickle
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -48,10 +48,18 @@ class BackboneWithFPN(nn.Module):
     """Body features C2–C5 → FPN outputs P2–P6 (keys "0".."3" and "pool"), all with
     ``out_channels`` channels, strides 4, 8, 16, 32, 64."""
 
-    def __init__(self, body: Body, in_channels: list[int], out_channels: int) -> None:
+    def __init__(
+        self,
+        body: Body,
+        in_channels: list[int],
+        out_channels: int,
+        norm_layer: Callable[..., nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         self.body = body
-        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=LastLevelMaxPool())
+        self.fpn = FeaturePyramidNetwork(
+            in_channels, out_channels, extra_blocks=LastLevelMaxPool(), norm_layer=norm_layer
+        )
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
@@ -190,4 +198,5 @@ def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
     else:
         body, channels = _vgg_body(cfg)
     fuse_for_training(body)
-    return BackboneWithFPN(body, channels, cfg.fpn_channels)
+    norm = nn.BatchNorm2d if cfg.arch == "v2" else None  # v2: BatchNorm after each FPN conv
+    return BackboneWithFPN(body, channels, cfg.fpn_channels, norm_layer=norm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -10,12 +11,18 @@ from torchvision.ops import Conv2dNormActivation
 
 
 class MaskHead(nn.Sequential):
-    """(R, C, 14, 14) RoI features → (R, 256, 14, 14); keys ``0.0.weight``… as torchvision."""
+    """(R, C, 14, 14) RoI features → (R, 256, 14, 14); keys ``0.0.weight``… as torchvision.
+    ``norm_layer``: None (v1) or BatchNorm2d after each conv (v2)."""
 
-    def __init__(self, in_channels: int, layers: tuple[int, ...] = (256, 256, 256, 256)) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        layers: tuple[int, ...] = (256, 256, 256, 256),
+        norm_layer: Callable[..., nn.Module] | None = None,
+    ) -> None:
         blocks, prev = [], in_channels
         for width in layers:
-            blocks.append(Conv2dNormActivation(prev, width, kernel_size=3, norm_layer=None))
+            blocks.append(Conv2dNormActivation(prev, width, kernel_size=3, norm_layer=norm_layer))
             prev = width
         super().__init__(*blocks)
         for m in self.modules():

@@ -135,7 +135,7 @@ class MaskRCNN(nn.Module):
                 "(copy.deepcopy before the first call)"
             )
         self.optimized = True
-        fold_batchnorm(self.backbone)
+        fold_batchnorm(self)  # the backbone's norms, and in v2 those of the FPN and heads
         if precision != "fp32":
             cast_autocast_weights(self, DTYPES[precision])
         self.inference_precision = precision

@@ -71,10 +71,10 @@ class Transfer:
         )
 
 
-def source_of(name_or_path: str, backbone: str | None = None) -> Source:
+def source_of(name_or_path: str, backbone: str | None = None, arch: str = "v1") -> Source:
     """The weights named (``coco``, ``torchvision:...``) or in a file (a state dict, or a
-    training checkpoint, whose class names and backbone are used too). ``backbone``: the
-    model's, checked against a named source's before anything is downloaded."""
+    training checkpoint, whose class names and backbone are used too). ``backbone`` and
+    ``arch``: the model's, checked against a named source's before anything is downloaded."""
     entry = lookup(name_or_path)
     if entry is not None:
         if entry.kind != "detector":
@@ -82,7 +82,7 @@ def source_of(name_or_path: str, backbone: str | None = None) -> Source:
                 f"{entry.name} are ImageNet weights of a {entry.backbone} backbone, not a "
                 f"detector's: give them as model.backbone_weights=imagenet"
             )
-        check_fits(entry.name, entry.backbone, entry.arch, backbone)
+        check_fits(entry.name, entry.backbone, entry.arch, backbone, arch)
         state = read_state_dict(fetch(entry), entry.name)
         return Source(entry.name, state, entry.categories, entry.backbone, entry.arch)
     path = Path(name_or_path)
@@ -96,18 +96,19 @@ def source_of(name_or_path: str, backbone: str | None = None) -> Source:
     meta = torch.load(path, map_location="cpu", weights_only=True)
     names_in_file = meta.get("class_names") if isinstance(meta, dict) else None
     config = meta.get("config") if isinstance(meta, dict) else None
-    backbone = config.get("model", {}).get("backbone") if isinstance(config, dict) else None
-    return Source(str(path), state, names_in_file, backbone)
+    model = config.get("model", {}) if isinstance(config, dict) else {}
+    return Source(
+        str(path), state, names_in_file, model.get("backbone"), model.get("arch", "v1")
+    )
 
 
-def check_fits(name: str, source_backbone: str | None, arch: str, backbone: str | None) -> None:
-    """A WeightsError when weights for ``source_backbone`` / ``arch`` cannot fit a model with
-    ``backbone`` (None: not known yet)."""
-    if arch != "v1":
-        raise WeightsError(
-            f"{name} is for torchvision's {arch} architecture, which this version does not "
-            "build; use the v1 weights (coco)"
-        )
+def check_fits(
+    name: str, source_backbone: str | None, source_arch: str, backbone: str | None, arch: str
+) -> None:
+    """A WeightsError when weights for ``source_backbone`` / ``source_arch`` cannot fit a
+    model with ``backbone`` (None: not known yet) and ``arch``."""
+    if source_arch != arch:
+        raise WeightsError(f"{name} is a {source_arch} model; set model.arch={source_arch}")
     if None not in (source_backbone, backbone) and source_backbone != backbone:
         raise WeightsError(
             f"{name} is a {source_backbone} model; set model.backbone={source_backbone}"
@@ -149,11 +150,12 @@ def load_detector(
     backbone: str,
     class_names: Sequence[str] | None = None,
     class_map: Mapping[str, str] | None = None,
+    arch: str = "v1",
 ) -> Transfer:
-    """Load ``source`` into ``model`` (a MaskRCNN built with ``backbone``); see the module's
-    docstring for the class-specific layers. A WeightsError names the tensors that do not fit
-    when the architectures differ."""
-    check_fits(source.name, source.backbone, source.arch, backbone)
+    """Load ``source`` into ``model`` (a MaskRCNN built with ``backbone`` and ``arch``); see
+    the module's docstring for the class-specific layers. A WeightsError names the tensors
+    that do not fit when the architectures differ."""
+    check_fits(source.name, source.backbone, source.arch, backbone, arch)
     own = model.state_dict()
     # BatchNorm's num_batches_tracked exists in one norm setting and not the other: not a weight.
     counter = "num_batches_tracked"

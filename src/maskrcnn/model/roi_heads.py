@@ -7,6 +7,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import box_iou
 
 from maskrcnn.config import ModelConfig
@@ -68,11 +69,17 @@ class RoIHeads(nn.Module):
         super().__init__()
         ch = cfg.fpn_channels
         self.box_roi_pool = MultiLevelRoIAlign(output_size=7, sampling_ratio=2)
-        self.box_head = TwoMLPHead(ch * 7 * 7, 1024)
+        self.box_head: nn.Module
+        if cfg.arch == "v2":  # torchvision's four 3x3 convs with BatchNorm, then one fc
+            self.box_head = FastRCNNConvFCHead((ch, 7, 7), [256] * 4, [1024], nn.BatchNorm2d)
+        else:
+            self.box_head = TwoMLPHead(ch * 7 * 7, 1024)
         self.box_predictor = BoxPredictor(1024, cfg.num_classes)
         self.mask_roi_pool = MultiLevelRoIAlign(output_size=14, sampling_ratio=2)
         # The mask branch is as wide as the FPN (256 in torchvision's layout).
-        self.mask_head = MaskHead(ch, (ch,) * 4)
+        self.mask_head = MaskHead(
+            ch, (ch,) * 4, norm_layer=nn.BatchNorm2d if cfg.arch == "v2" else None
+        )
         self.mask_predictor = MaskPredictor(
             ch, ch, 1 if cfg.class_agnostic_masks else cfg.num_classes
         )

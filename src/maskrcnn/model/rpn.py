@@ -22,11 +22,17 @@ from maskrcnn.structures.image_batch import ImageBatch
 
 
 class RPNHead(nn.Module):
-    """Shared 3x3 conv, then per-anchor objectness logit and 4 box deltas, on every level."""
+    """Shared 3x3 conv(s) (``conv_depth``: 1 in v1, 2 in v2), then per-anchor objectness
+    logit and 4 box deltas, on every level."""
 
-    def __init__(self, in_channels: int, num_anchors: int) -> None:
+    def __init__(self, in_channels: int, num_anchors: int, conv_depth: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Sequential(Conv2dNormActivation(in_channels, in_channels, norm_layer=None))
+        self.conv = nn.Sequential(
+            *(
+                Conv2dNormActivation(in_channels, in_channels, norm_layer=None)
+                for _ in range(conv_depth)
+            )
+        )
         self.cls_logits = nn.Conv2d(in_channels, num_anchors, kernel_size=1)
         self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, kernel_size=1)
         for layer in self.modules():
@@ -60,7 +66,11 @@ class RegionProposalNetwork(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.anchor_generator = AnchorGenerator(cfg.anchor_sizes, cfg.aspect_ratios)
-        self.head = RPNHead(cfg.fpn_channels, self.anchor_generator.num_anchors_per_location)
+        self.head = RPNHead(
+            cfg.fpn_channels,
+            self.anchor_generator.num_anchors_per_location,
+            conv_depth=2 if cfg.arch == "v2" else 1,
+        )
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         self.matcher = Matcher(cfg.rpn_fg_iou_thresh, cfg.rpn_bg_iou_thresh, True)
         self.sampler = BalancedSampler(cfg.rpn_batch_size_per_image, cfg.rpn_positive_fraction)
