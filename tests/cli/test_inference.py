@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -390,3 +392,38 @@ def test_a_folder_without_images_is_reported(tmp_path: Path) -> None:
     assert files == []
     assert [s.file_name for s in skipped] == [str(tmp_path / "empty")]
     assert "holds no image files" in skipped[0].reason
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_any_work(
+    run: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A read-only folder (as a user sees it; root ignores permissions, so the probe file's
+    creation is made to fail as a read-only mount fails it)."""
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    predicted = []
+    monkeypatch.setattr(predict_files.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(Predictor, "predict_batch", lambda *a, **k: predicted.append(1) or [])
+    out = tmp_path / "out"
+    assert main(["predict", str(run / "last.pth"), str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: --out {out}: cannot write there (Read-only file system)"
+    assert predicted == []
+
+
+def test_a_full_disk_at_the_end_of_predict_is_one_line(
+    run: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(predict_files, "write_text_atomic", full)
+    out = tmp_path / "out"
+    assert main(["predict", str(run / "last.pth"), str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out / 'predictions.json'}: cannot write it (No space left on device)" in err
+    assert "Traceback" not in err

@@ -100,7 +100,8 @@ def test_images_over_the_loader_pixel_limit_are_errors(tmp_path: Path) -> None:
     report = check_dataset(path, max_image_pixels=599)
     assert _codes(report)["image_too_large"] == [(1, None)]
     assert [f.message for f in report.errors] == [
-        "image id 1: 30x20 (WxH) is 0.0 megapixels, more than the loader's limit of 0.0; "
+        "image id 1: image too large: 30x20 (WxH) is 0.0 megapixels, more than the loader's "
+        "limit of 0.0; "
         "downscale the file or raise the limit (data.max_image_pixels)"
     ]
 

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 
+from maskrcnn.cli.main import main
 from maskrcnn.data.synthetic import make_synthetic_coco
 from maskrcnn.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from maskrcnn.engine.trainer import Trainer
@@ -284,3 +285,18 @@ def test_a_damaged_last_checkpoint_is_an_error_not_a_fresh_start(
                       "text": b"hello world", "json": b'{"iteration": 1}'}[damage])
     with pytest.raises(CheckpointError, match=re.escape(f"{path} is not a readable checkpoint")):
         Trainer(cfg, resume=True, show_progress=False)
+
+
+def test_the_train_command_reports_a_full_disk_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dataset: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(torch, "save", _save_part_then_fill_the_disk)
+    argv = ["train", *TINY, f"data.train_json={dataset}", f"data.train_images={dataset.parent}",
+            "solver.max_iter=1", "run.checkpoint_period=1", "model.fpn_channels=64",
+            f"run.output_dir={tmp_path}"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last == f"error: {tmp_path / 'last.pth'}: No space left on device; nothing was written"
+    assert "Traceback" not in err

@@ -102,7 +102,11 @@ def _run_predict(args: argparse.Namespace) -> int:
         skipped += not_reached(files, writer, skipped, err)
         raise
     finally:
-        json_path = writer.write(skipped)
+        try:
+            json_path = writer.write(skipped)
+        except OSError as err:  # e.g. the disk filled up: the earlier file, if any, is kept
+            raise CommandError(f"{out / 'predictions.json'}: cannot write it "
+                               f"({err.strerror or err})", USAGE) from None
     print(predict_summary(writer, skipped, json_path))
     return 0 if writer.images else 1
 

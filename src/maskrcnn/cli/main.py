@@ -8,7 +8,7 @@ import logging
 import sys
 
 from maskrcnn.cli import bench, data, export, inference, train, weights
-from maskrcnn.cli.errors import USAGE, CommandError
+from maskrcnn.cli.errors import FAILED, USAGE, CommandError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {where}: {err.strerror}" if where and err.strerror else f"error: {err}",
               file=sys.stderr)
         return USAGE
+    except OSError as err:  # the machine's side: a full disk, a failing device
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        return FAILED
     except Exception as err:
         if not isinstance(err, user_errors()):
             raise

@@ -27,6 +27,7 @@ from maskrcnn.data.image_io import (
     is_file,
     read_image_size,
     swapped_hint,
+    too_large,
 )
 
 Severity = Literal["error", "warning"]
@@ -174,12 +175,10 @@ def _size_finding(img: dict[str, Any], path: Path, max_pixels: int | None) -> Fi
     except DatasetError as e:
         return Finding("error", "unreadable_image", f"image id {img['id']}: {e}", img["id"],
                        file=img["file_name"])
-    if max_pixels is not None and height * width > max_pixels:
-        return Finding("error", "image_too_large",
-                       f"image id {img['id']}: {width}x{height} (WxH) is "
-                       f"{width * height / 1e6:.1f} megapixels, more than the loader's limit of "
-                       f"{max_pixels / 1e6:.1f}; downscale the file or raise the limit "
-                       "(data.max_image_pixels)", img["id"], file=img["file_name"])
+    problem = too_large(width, height, max_pixels)
+    if problem is not None:
+        return Finding("error", "image_too_large", f"image id {img['id']}: {problem}",
+                       img["id"], file=img["file_name"])
     if (height, width) == (img["height"], img["width"]):
         return None
     return Finding("error", "size_mismatch",

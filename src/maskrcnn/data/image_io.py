@@ -114,14 +114,21 @@ def _pil_errors(path: Path, failure: str) -> Iterator[None]:
         raise DatasetError(f"{path}: {failure} ({e})") from e
 
 
+def too_large(width: int, height: int, max_pixels: int | None) -> str | None:
+    """Why an image of ``width`` x ``height`` is refused, or None when within the limit."""
+    if max_pixels is None or width * height <= max_pixels:
+        return None
+    return (
+        f"image too large: {width}x{height} (WxH) is {width * height / 1e6:.1f} megapixels, "
+        f"more than the loader's limit of {max_pixels / 1e6:.1f}; downscale the file or raise "
+        "the limit (data.max_image_pixels)"
+    )
+
+
 def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
-    width, height = size
-    if max_pixels is not None and width * height > max_pixels:
-        raise DatasetError(
-            f"{path}: image too large: {width}x{height} (WxH) is {width * height / 1e6:.1f} "
-            f"megapixels, more than the limit of {max_pixels / 1e6:.1f}; downscale the file or "
-            f"raise the limit (max_image_pixels)"
-        )
+    problem = too_large(*size, max_pixels)
+    if problem is not None:
+        raise DatasetError(f"{path}: {problem}")
 
 
 def read_image_size(path: str | Path) -> tuple[int, int]:

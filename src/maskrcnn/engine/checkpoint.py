@@ -30,8 +30,12 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     # file is an orphan: remove it before taking more space.
     for orphan in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         orphan.unlink(missing_ok=True)
-    with atomic_write(path, durable=True) as tmp, tmp.open("wb") as f:
-        torch.save(state, f)
+    try:
+        with atomic_write(path, durable=True) as tmp, tmp.open("wb") as f:
+            torch.save(state, f)
+    except OSError as err:  # a full disk, a read-only folder: one message, the file named
+        kept = "the previous checkpoint is kept" if path.is_file() else "nothing was written"
+        raise OSError(err.errno, f"{err.strerror or err}; {kept}", str(path)) from None
     return path
 
 

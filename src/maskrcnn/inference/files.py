@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -184,8 +185,10 @@ def prepare_out(out: Path) -> str | None:
         return f"--out {out} is a file; give a folder (created if missing)"
     try:
         out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # writable? (permissions, a read-only mount)
+            pass
     except OSError as err:
-        return f"--out {out}: cannot create the folder ({err.strerror or err})"
+        return f"--out {out}: cannot write there ({err.strerror or err})"
     overlays = out / "overlays"
     old = sum(1 for _ in overlays.iterdir()) if overlays.is_dir() else 0
     if old:
