@@ -427,3 +427,21 @@ def test_a_full_disk_at_the_end_of_predict_is_one_line(
     err = capsys.readouterr().err
     assert f"error: {out / 'predictions.json'}: cannot write it (No space left on device)" in err
     assert "Traceback" not in err
+
+
+def test_eval_lists_the_images_it_skipped_in_metrics_json(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = tmp_path / "images"
+    shutil.copytree(run / "data", images)
+    coco = json.loads((run / "data" / "val.json").read_text())
+    broken = coco["images"][1]
+    (images / broken["file_name"]).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    out = tmp_path / "eval"
+    argv = ["eval", str(run / "last.pth"), "--data", str(run / "data" / "val.json"),
+            "--images", str(images), "--out", str(out)]
+    assert main(argv) == 0
+    listed = json.loads((out / "metrics.json").read_text())["skipped_images"]
+    assert [s["image_id"] for s in listed] == [broken["id"]]
+    assert broken["file_name"] in listed[0]["reason"]
+    assert f"skipped image id {broken['id']}" in capsys.readouterr().out

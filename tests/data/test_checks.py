@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -281,3 +282,13 @@ def test_facades_valid_passes_with_subfolder_search() -> None:
     report = check_dataset(FACADES / "_annotations.coco.json", search_subfolders=True)
     assert report.ok
     assert {f.code for f in report.findings} == {"duplicate_category_name", "unused_category"}
+
+
+def test_a_pipe_or_folder_in_place_of_an_image_is_named_as_such(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "folder.png").mkdir()
+    path = _write(tmp_path, [_img(1, "pipe.png"), _img(2, "folder.png")], [_ann(1), _ann(2, 2)])
+    report = check_dataset(path)
+    assert _codes(report)["not_a_file"] == [(1, None), (2, None)]
+    assert "missing_image" not in _codes(report)
+    assert "'pipe.png' is not a regular file" in report.errors[0].message

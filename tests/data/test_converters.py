@@ -275,3 +275,42 @@ def test_mask_pngs_missing_folders(tmp_path: Path) -> None:
     (tmp_path / "blank").mkdir()
     with pytest.raises(DatasetError, match=r"blank: no image files \(\.bmp, "):
         mask_pngs_to_coco(tmp_path / "blank", masks, tmp_path / "out.json")
+
+
+def test_labelme_image_paths_may_not_leave_the_dataset(tmp_path: Path) -> None:
+    dataset = tmp_path / "data"
+    _image(tmp_path / "elsewhere" / "x.png", 60, 40)  # beside the dataset, not in it
+    (dataset / "ann").mkdir(parents=True)
+    _labelme(dataset / "ann" / "x.json", "../../elsewhere/x.png", [])
+    with pytest.raises(DatasetError, match=r"x\.json: imagePath '\.\./\.\./elsewhere/x\.png' "
+                       r"leads to .*elsewhere/x\.png, outside .*data; keep the images"):
+        labelme_to_coco(dataset / "ann", tmp_path / "out.json")
+    _labelme(dataset / "ann" / "x.json", "/etc/passwd", [])
+    with pytest.raises(DatasetError, match=r"imagePath '/etc/passwd' leads to /etc/passwd"):
+        labelme_to_coco(dataset / "ann", tmp_path / "out.json")
+
+
+def test_labelme_sizes_must_match_the_image(tmp_path: Path) -> None:
+    _image(tmp_path / "x.png", 60, 50)  # the LabelMe file says 40 x 60 (HxW)
+    _labelme(tmp_path / "x.json", "x.png", [_shape("cat", [[1, 1], [9, 1], [9, 9]])])
+    with pytest.raises(DatasetError, match=r"x\.json: imageHeight x imageWidth 40x60 differ "
+                       r"from the image x\.png, 50x60 \(HxW\); fix"):
+        labelme_to_coco(tmp_path, tmp_path / "out.json")
+    _image(tmp_path / "x.png", 40, 60)  # turned: height and width swapped
+    with pytest.raises(DatasetError, match="height and width are swapped"):
+        labelme_to_coco(tmp_path, tmp_path / "out.json")
+    (tmp_path / "x.png").write_text("not an image")
+    with pytest.raises(DatasetError, match=r"x\.png"):
+        labelme_to_coco(tmp_path, tmp_path / "out.json")
+
+
+def test_mask_pngs_refuse_noise_and_the_images_folder_as_masks(tmp_path: Path) -> None:
+    images, masks, _ = _penn_fudan(tmp_path)
+    with pytest.raises(DatasetError, match="the masks folder is the images folder"):
+        mask_pngs_to_coco(images, images, tmp_path / "out.json")
+    photo = np.random.default_rng(1).integers(0, 256, size=(60, 80, 3), dtype=np.uint8)
+    _image(images / "Fudan1.png", 80, 60)
+    Image.fromarray(photo).save(masks / "Fudan1_mask.png")
+    with pytest.raises(DatasetError, match=r"Fudan1_mask\.png: \d+ distinct non-zero values.*"
+                       r"this looks like a photo or noise"):
+        mask_pngs_to_coco(images, masks, tmp_path / "out.json")

@@ -149,3 +149,25 @@ def test_a_validation_pipeline_that_resizes_is_refused() -> None:
     """Validation predictions are scored against the annotations at the original size."""
     with pytest.raises(ValueError, match=r"data\.val_augmentation: 'resize' would score"):
         load_train_config(None, ["data.val_augmentation=[{name: resize, min_size: 128}]"])
+
+
+def test_overrides_may_come_before_and_after_other_flags(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import maskrcnn.config
+    from maskrcnn.cli.main import main
+
+    seen = []
+
+    def stop(path: object, overrides: list[str]) -> None:
+        seen.append(overrides)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(maskrcnn.config, "load_train_config", stop)
+    argv = ["train", "solver.max_iter=5", "--resume", "--config", "demo", "run.seed=1"]
+    assert main(argv) == 2
+    assert seen == [["solver.max_iter=5", "run.seed=1"]]
+    assert "error: stop here" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--resume", "--no-such-flag"])
+    assert info.value.code == 2

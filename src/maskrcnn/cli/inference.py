@@ -162,7 +162,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             if done == 0:
                 raise CommandError(f"none of the {len(dataset)} images could be read")
             folder = out.joinpath(*(x.lower() for x in (mode, name) if x))
-            rows.append((label, evaluator.save(folder), seconds))
+            rows.append((label, evaluator.save(folder, skipped), seconds))
             folders.append(folder)
     print(f"evaluated {done} images of {args.data}, skipped {len(skipped)}")
     for image_id, reason in skipped.items():

@@ -41,7 +41,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes positionals in one run: `train --resume a=1 --config x b=2` leaves b=2
+    # over; overrides may come anywhere, so they are collected wherever they are.
+    if extra and getattr(args, "overrides", None) is not None and all(
+        "=" in e and not e.startswith("-") for e in extra
+    ):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = argv
     try:
         return int(args.func(args))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 from collections import Counter
 from collections.abc import Iterator
@@ -226,6 +227,12 @@ def _image_findings(
     readable: list[tuple[dict[str, Any], Path]] = []
     for img in images:
         path = root / posix_file_name(img["file_name"])
+        if not is_file(path) and os.path.lexists(path):
+            yield Finding("error", "not_a_file",
+                          f"image id {img['id']}: '{img['file_name']}' is not a regular file (a "
+                          "folder, a pipe, a device or a broken link)", img["id"],
+                          file=img["file_name"])
+            continue
         if not is_file(path):
             # Walked at most once, and only when some image is missing.
             index = index if index is not None else index_by_basename(root)

@@ -23,7 +23,7 @@ from pycocotools import mask as mask_utils
 
 from maskrcnn.data.coco_schema import posix_file_name
 from maskrcnn.data.errors import DatasetError
-from maskrcnn.data.image_io import is_file, read_image_size
+from maskrcnn.data.image_io import is_file, read_image_size, swapped_hint
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 _CIRCLE_POINTS = 32  # LabelMe circles become regular 32-gons
@@ -31,6 +31,8 @@ _NON_REGION_SHAPES = frozenset({"line", "linestrip", "point", "points"})
 
 
 MAX_CLASSES = 100_000  # a class index beyond it is a corrupt line, not a class
+# More distinct values in one instance-id mask is a photo or noise given as a mask.
+MAX_MASK_INSTANCES = 1000
 
 
 def _finite_polygon(values: list[float], where: str) -> list[float]:
@@ -137,27 +139,41 @@ def _labelme_polygon(shape: dict[str, Any], where: str) -> list[float] | None:
     raise DatasetError(f"{where}: cannot convert a '{kind}' shape with {len(points)} points")
 
 
-def _labelme_image_path(path: Path, record: dict[str, Any]) -> Path:
+def _labelme_image_path(path: Path, record: dict[str, Any], dataset: Path) -> Path:
     """The image a LabelMe file describes, absolute and normalised.
 
     LabelMe stores ``imagePath`` relative to the JSON file (often ``../images/x.jpg``), with
-    backslashes when written on Windows.
+    backslashes when written on Windows. It must stay inside ``dataset`` (the LabelMe
+    folder's parent: images beside the JSON files or in a sibling folder), so that the image
+    root of the COCO file cannot move up to the whole disk.
     """
     image_path = record.get("imagePath")
     if not isinstance(image_path, str) or not image_path:
         raise DatasetError(f"{path}: no 'imagePath'")
     resolved = Path(os.path.normpath(path.parent / posix_file_name(image_path)))
+    if not resolved.is_relative_to(dataset):
+        raise DatasetError(f"{path}: imagePath '{image_path}' leads to {resolved}, outside "
+                           f"{dataset}; keep the images beside the LabelMe files or in a "
+                           "sibling folder")
     if not is_file(resolved):
         raise DatasetError(f"{path}: imagePath '{image_path}' points to {resolved}, which is "
                            "not a file (imagePath is relative to the LabelMe JSON)")
     return resolved
 
 
-def _labelme_size(record: dict[str, Any], image: Path) -> tuple[int, int]:
-    height, width = record.get("imageHeight"), record.get("imageWidth")
-    if isinstance(height, int) and isinstance(width, int):
-        return height, width
-    return read_image_size(image)
+def _labelme_size(path: Path, record: dict[str, Any], image: Path) -> tuple[int, int]:
+    """The image's (height, width), read from its file (which must be an image); a LabelMe
+    ``imageHeight`` / ``imageWidth`` that disagrees is an error (its points would be placed
+    on another image than the one described)."""
+    size = read_image_size(image)
+    stated = record.get("imageHeight"), record.get("imageWidth")
+    if all(isinstance(v, int) for v in stated) and stated != size:
+        raise DatasetError(
+            f"{path}: imageHeight x imageWidth {stated[0]}x{stated[1]} differ from the image "
+            f"{image.name}, {size[0]}x{size[1]} (HxW){swapped_hint(size, stated)}; fix the "
+            "LabelMe file or the image"
+        )
+    return size
 
 
 def _labelme_instances(path: Path, record: dict[str, Any]) -> dict[Any, tuple[str, list[Any]]]:
@@ -211,13 +227,13 @@ def labelme_to_coco(folder: str | Path, out_json: str | Path) -> Path:
         if not isinstance(record, dict) or not isinstance(record.get("shapes"), list):
             raise DatasetError(f"{path}: not a LabelMe file (no 'shapes' list)")
         insts = _labelme_instances(path, record)
-        records.append((record, _labelme_image_path(path, record), insts))
+        records.append((record, _labelme_image_path(path, record, folder.parent), insts))
     root = _common_root([image for _, image, _ in records], str(folder))
     names = sorted({label for _, _, insts in records for label, _ in insts.values()})
     cat_ids = {name: k for k, name in enumerate(names, start=1)}
     images, instances = [], []
     for image_id, (record, image, insts) in enumerate(records, start=1):
-        height, width = _labelme_size(record, image)
+        height, width = _labelme_size(files[image_id - 1], record, image)
         images.append({"id": image_id, "file_name": image.relative_to(root).as_posix(),
                        "height": height, "width": width})
         for label, polygons in insts.values():
@@ -372,6 +388,9 @@ def mask_pngs_to_coco(
     paths = _image_files(images_dir, recursive=False)
     if not masks_dir.is_dir():
         raise DatasetError(f"{masks_dir}: mask folder not found")
+    if masks_dir.resolve() == images_dir.resolve():
+        raise DatasetError(f"{masks_dir}: the masks folder is the images folder; give the "
+                           "folder of instance-id masks")
     masks = {p.stem: p for p in masks_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
     images, instances = [], []
     for image_id, path in enumerate(paths, start=1):
@@ -384,8 +403,16 @@ def mask_pngs_to_coco(
         if ids.shape != (height, width):
             raise DatasetError(f"{mask_path}: mask is {ids.shape[0]}x{ids.shape[1]} (HxW) but "
                                f"the image {path.name} is {height}x{width}")
+        values = np.unique(ids)
+        if len(values) > MAX_MASK_INSTANCES:
+            raise DatasetError(
+                f"{mask_path}: {len(values) - 1} distinct non-zero values, each of which would "
+                f"be an instance (at most {MAX_MASK_INSTANCES} are accepted): this looks like "
+                "a photo or noise, not an instance-id mask (0 background, one value per "
+                "instance, saved as PNG)"
+            )
         images.append({"id": image_id, "file_name": path.name, "height": height, "width": width})
-        for value in np.unique(ids):
+        for value in values:
             if value != 0:
                 instances.append((image_id, 1, _mask_annotation(ids == value)))
     return _write_coco(out_json, images_dir, images, instances, [category_name])

@@ -163,10 +163,12 @@ def swapped_hint(file_size: tuple[int, int], json_size: tuple[int, int]) -> str:
 
 
 def index_by_basename(root: Path) -> dict[str, list[Path]]:
-    """Every file under ``root`` (recursively), keyed by its basename; paths sorted."""
+    """Every regular file under ``root`` (recursively), keyed by its basename; paths sorted."""
     index: dict[str, list[Path]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
-            index.setdefault(name, []).append(Path(dirpath) / name)
+            path = Path(dirpath) / name
+            if is_file(path):  # not pipes, sockets, devices or broken links
+                index.setdefault(name, []).append(path)
     return index

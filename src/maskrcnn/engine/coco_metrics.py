@@ -20,6 +20,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from maskrcnn.engine.coco_results import prediction_to_coco
+from maskrcnn.utils.atomic import write_text_atomic
 
 IOU_TYPES = ("bbox", "segm")
 BACKENDS = ("faster_coco_eval", "pycocotools")
@@ -330,12 +331,21 @@ class CocoEvaluator:
         self._metrics = metrics
         return metrics
 
-    def save(self, directory: str | Path) -> dict[str, Any]:
-        """Writes ``metrics.json`` and ``pr_curve_<iou_type>.png``; returns the metrics."""
+    def save(
+        self, directory: str | Path, skipped: Mapping[int, str] | None = None
+    ) -> dict[str, Any]:
+        """Writes ``metrics.json`` and ``pr_curve_<iou_type>.png``; returns the metrics.
+        ``skipped``: image id → why, for images left out of the evaluation (listed in the
+        file as ``skipped_images``, so that its AP is never taken for the whole set's)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         metrics = self._metrics if self._metrics is not None else self.compute()
-        (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        written = dict(metrics)
+        if skipped:
+            written["skipped_images"] = [
+                {"image_id": image_id, "reason": reason} for image_id, reason in skipped.items()
+            ]
+        write_text_atomic(directory / "metrics.json", json.dumps(written, indent=2))
         for iou_type in self.iou_types:
             coco_eval = self._evals[iou_type]
             curves = pr_curves(coco_eval.eval["precision"], np.asarray(coco_eval.params.iouThrs))
