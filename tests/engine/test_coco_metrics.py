@@ -484,3 +484,18 @@ def test_documented_example_runs() -> None:
     namespace: dict[str, Any] = {}
     exec(compile(block, str(doc), "exec"), namespace)
     assert namespace["metrics"]["segm"]["per_class"] == {"window": 1.0}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_annotation_id_zero_is_matched_like_any_other(coco_gt: dict, backend: str) -> None:
+    """Roboflow's exports number annotations from 0; pycocotools reads a match with id 0 as
+    no match, which would make a perfect detection a false positive."""
+    renumbered = copy.deepcopy(coco_gt)
+    for ann in renumbered["annotations"]:
+        ann["id"] -= min(a["id"] for a in coco_gt["annotations"])
+    assert min(a["id"] for a in renumbered["annotations"]) == 0
+    preds, ids = _perfect_predictions(coco_gt)
+    evaluator = CocoEvaluator(renumbered, label_to_cat_id=LABEL_TO_CAT, backend=backend)
+    evaluator.update(preds, ids)
+    for iou_type, m in evaluator.compute().items():
+        assert [m["AP"], m["AR100"]] == pytest.approx([1.0, 1.0], abs=1e-12), iou_type

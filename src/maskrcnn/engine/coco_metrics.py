@@ -52,7 +52,8 @@ def resolve_backend(backend: str) -> str:
 
 
 def load_ground_truth(coco_gt: Mapping[str, Any] | str | Path) -> dict[str, Any]:
-    """A private copy of the COCO dict; ``iscrowd``, ``area`` and ``bbox`` filled where absent."""
+    """A private copy of the COCO dict; ``iscrowd``, ``area`` and ``bbox`` filled where absent,
+    annotation ids renumbered 1..N (see below)."""
     if isinstance(coco_gt, (str, Path)):
         with Path(coco_gt).open("rb") as f:
             data: dict[str, Any] = json.load(f)
@@ -71,6 +72,11 @@ def load_ground_truth(coco_gt: Mapping[str, Any] | str | Path) -> dict[str, Any]
         ann.setdefault("area", float(mask_utils.area(rle)))
         ann.setdefault("bbox", [float(v) for v in mask_utils.toBbox(rle)])
     data.setdefault("annotations", [])
+    # pycocotools marks a detection matched by storing the annotation's id, 0 meaning
+    # unmatched: a match with annotation id 0 (Roboflow's exports start there) would count as
+    # a false positive. Results never name annotation ids, so they are renumbered from 1.
+    for number, ann in enumerate(data["annotations"], start=1):
+        ann["id"] = number
     return data
 
 
