@@ -54,6 +54,7 @@ from maskrcnn.engine.evaluation import evaluate
 from maskrcnn.engine.trainer import Trainer
 from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.model.norms import group_norm
+from maskrcnn.utils.malloc import retain_freed_memory
 
 log = logging.getLogger("maskrcnn")
 
@@ -308,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.contenders = set(args.contenders.split(","))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    retain_freed_memory()  # as the maskrcnn command does; the same for every contender
     report = run(args)
     print(f"{report['machine']}\n\n{table(report)}")
     return 0
