@@ -32,7 +32,7 @@ from maskrcnn.cli.main import main
 from maskrcnn.data.image_io import read_image
 from maskrcnn.engine.build import model_from_checkpoint
 from maskrcnn.engine.trainer import Trainer
-from maskrcnn.export.api import (
+from maskrcnn.export import (
     OnnxPredictor,
     export_program,
     export_torch,

@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from maskrcnn.config import ModelConfig
-from maskrcnn.export.api import OnnxPredictor, export_onnx
+from maskrcnn.export import OnnxPredictor, export_onnx
 from maskrcnn.export.graph import ExportableMaskRCNN
 from maskrcnn.model.mask_rcnn import MaskRCNN
 

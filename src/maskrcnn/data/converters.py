@@ -166,8 +166,11 @@ def _labelme_size(path: Path, record: dict[str, Any], image: Path) -> tuple[int,
     ``imageHeight`` / ``imageWidth`` that disagrees is an error (its points would be placed
     on another image than the one described)."""
     size = read_image_size(image)
-    stated = record.get("imageHeight"), record.get("imageWidth")
-    if all(isinstance(v, int) for v in stated) and stated != size:
+    height, width = record.get("imageHeight"), record.get("imageWidth")
+    if not (isinstance(height, int) and isinstance(width, int)):
+        return size
+    stated = (height, width)
+    if stated != size:
         raise DatasetError(
             f"{path}: imageHeight x imageWidth {stated[0]}x{stated[1]} differ from the image "
             f"{image.name}, {size[0]}x{size[1]} (HxW){swapped_hint(size, stated)}; fix the "

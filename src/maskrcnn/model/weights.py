@@ -148,7 +148,7 @@ def fetch(entry: NamedWeights) -> Path:
 
 def read_state_dict(path: Path, what: str) -> dict[str, Tensor]:
     """A state dict of tensors from ``path`` (read with ``weights_only=True``: never code);
-    a training checkpoint's ``model`` entry is taken."""
+    of a training checkpoint its ``model`` entry, of a file that nests it, ``state_dict``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -156,8 +156,9 @@ def read_state_dict(path: Path, what: str) -> dict[str, Tensor]:
             f"{what} ({path}) was refused: it holds Python objects other than tensors and "
             "plain values (loading it could run code)"
         ) from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise WeightsError(f"{what} ({path}) is not a state dict of tensors")
     return state
