@@ -223,10 +223,16 @@ class RunConfig:
     num_overlays: int = 4
     max_nonfinite_skips: int = 0
     dist_timeout_s: float = 300.0
+    # A new run in a folder that holds another run's checkpoint is refused unless this is set
+    # (or the command says --resume).
+    overwrite: bool = False
+    # Early stopping: stop after this many evaluations in a row without a better mask AP
+    # (best.pth keeps the best); 0 never stops early. Needs run.eval_period and a val set.
+    patience: int = 0
 
     def __post_init__(self) -> None:
         _at_least(self, "run", log_period=1, eval_period=0, checkpoint_period=1,
-                  num_overlays=0, max_nonfinite_skips=0)
+                  num_overlays=0, max_nonfinite_skips=0, patience=0)
         if not self.dist_timeout_s > 0:
             raise ValueError(f"run.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
 

@@ -268,3 +268,49 @@ def test_sample_seeding_leaves_the_samplers_cuda_generators_alone(
     reseeded.clear()
     trainer.train()  # a step (num_workers=0: samples load in this process), then evaluation
     assert reseeded == []
+
+
+def test_a_new_run_does_not_replace_another_runs_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from maskrcnn.cli.main import main
+    from tiny_run import TINY
+
+    Trainer(tiny_config(tmp_path, "solver.max_iter=1"), show_progress=False).train()
+    before = (tmp_path / "last.pth").read_bytes()
+    with pytest.raises(ValueError, match=r"holds another run \(last\.pth, best\.pth\); continue it "
+                       r"with --resume, .* or replace it with run\.overwrite=true"):
+        Trainer(tiny_config(tmp_path, "solver.max_iter=2"), show_progress=False)
+    argv = ["train", *TINY, f"run.output_dir={tmp_path}", "solver.max_iter=2"]
+    # (without a dataset the command runs the demo recipe, which may replace its own runs)
+    assert main([*argv, "run.overwrite=false"]) == 2
+    assert "holds another run" in capsys.readouterr().err
+    assert (tmp_path / "last.pth").read_bytes() == before
+    Trainer(tiny_config(tmp_path, "solver.max_iter=2"), resume=True, show_progress=False)
+    replaced = Trainer(tiny_config(tmp_path, "solver.max_iter=1", "run.overwrite=true"),
+                       show_progress=False)
+    replaced.train()
+    assert (tmp_path / "last.pth").read_bytes() != before
+
+
+def test_patience_stops_after_evaluations_without_a_better_mask_ap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import maskrcnn.engine.trainer as trainer_module
+
+    aps = iter([0.5, 0.6, 0.4, 0.55, 0.7])
+
+    def scripted(*args: object, **kwargs: object) -> dict[str, object]:
+        ap = next(aps)
+        return {t: {"AP": ap, "AP50": ap, "per_class": {}} for t in ("bbox", "segm")}
+
+    monkeypatch.setattr(trainer_module, "evaluate", scripted)
+    cfg = tiny_config(tmp_path, "solver.max_iter=20", "run.eval_period=2", "run.patience=2")
+    trainer = Trainer(cfg, show_progress=False)
+    trainer.train()
+    # 0.5, 0.6 (best, iteration 4), 0.4, 0.55: two without gain -> stop at iteration 8.
+    assert trainer.iteration == 8 and trainer.best_ap == 0.6
+    assert load_checkpoint(tmp_path / "best.pth")["iteration"] == 4
+    assert load_checkpoint(tmp_path / "last.pth")["iteration"] == 8
+    assert "early stop at iteration 8" in caplog.text
+    assert next(aps) == 0.7  # no evaluation after the stop

@@ -75,6 +75,8 @@ class Trainer:
         if cfg.data.train_json is None:
             cfg = dataclasses.replace(cfg, data=self.synthetic(cfg))
         self.out = Path(cfg.run.output_dir)
+        if not resume and not cfg.run.overwrite:
+            refuse_to_replace(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = device_for(self.dist, cfg.run.device)
         torch.manual_seed(cfg.run.seed)
@@ -106,6 +108,7 @@ class Trainer:
         self.loader = self.build_loader()
         self.iteration, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best_ap, self.skipped_samples, self.nonfinite_skips = -1.0, 0, 0
+        self.evals_without_gain, self.stop_announced = 0, False  # for run.patience
         self.last_metrics: dict[str, Any] = {}
         self.show_progress = show_progress and self.dist.is_main
         # Ranks draw different anchors and RoIs; data augmentation is seeded per sample.
@@ -171,14 +174,15 @@ class Trainer:
         # shuts the loader's workers down here rather than whenever the iterator is collected.
         with tqdm(total=s.max_iter, initial=self.iteration, desc="train", dynamic_ncols=True,
                   disable=not self.show_progress) as bar, contextlib.closing(stream):
-            while self.iteration < s.max_iter:
+            while self.iteration < s.max_iter and not self.out_of_patience():
                 lr = self.optimizer.param_groups[0]["lr"]  # this step's, before it moves
                 losses = self.step(stream)
                 self.iteration += 1
                 bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}")
                 bar.update(1)
                 self.after_step(losses, lr)
-        if self.val_set is not None and (not r.eval_period or s.max_iter % r.eval_period):
+        evaluated = r.eval_period and self.iteration % r.eval_period == 0
+        if self.val_set is not None and not evaluated:
             self.run_evaluation()
         self.finish()
         return self.last_metrics
@@ -294,8 +298,26 @@ class Trainer:
         self.last_metrics = metrics
         if metrics["segm"]["AP"] > self.best_ap:
             self.best_ap = metrics["segm"]["AP"]
+            self.evals_without_gain = 0
             self.save(self.out / "best.pth")
+        else:
+            self.evals_without_gain += 1
         return metrics
+
+    def out_of_patience(self) -> bool:
+        """Whether ``run.patience`` evaluations in a row brought no better mask AP; says so
+        (and saves ``last.pth`` at this iteration) the first time."""
+        patience = self.cfg.run.patience
+        if not patience or self.evals_without_gain < patience:
+            return False
+        if not self.stop_announced:
+            self.stop_announced = True
+            log.warning(
+                "early stop at iteration %d: mask AP has not improved for %d evaluations "
+                "(best %.4f, kept in best.pth)", self.iteration, patience, self.best_ap,
+            )
+            self.save(self.out / "last.pth")
+        return True
 
     def finish(self) -> None:
         """Plots and metrics.json in the run folder (by the main process)."""
@@ -319,6 +341,7 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "best_ap": self.best_ap,
+            "evals_without_gain": self.evals_without_gain,
             "skipped_samples": self.skipped_samples,
             "nonfinite_skips": self.nonfinite_skips,
             "rng": self.rng_states(),
@@ -372,6 +395,7 @@ class Trainer:
         self.iteration, self.epoch = state["iteration"], state["epoch"]
         self.batch_in_epoch, self.best_ap = state["batch_in_epoch"], state["best_ap"]
         self.skipped_samples = state.get("skipped_samples", 0)
+        self.evals_without_gain = state.get("evals_without_gain", 0)
         self.nonfinite_skips = state.get("nonfinite_skips", 0)
         rngs = state["rng"]
         # A run resumed with as many processes as it had continues every stream exactly.
@@ -389,3 +413,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def refuse_to_replace(out: Path) -> None:
+    """A ValueError when ``out`` holds another run's checkpoint: a new run would overwrite
+    its ``last.pth`` and leave its ``metrics.json`` beside a different model."""
+    found = [name for name in ("last.pth", "best.pth") if (out / name).is_file()]
+    if found:
+        raise ValueError(
+            f"{out} holds another run ({', '.join(found)}); continue it with --resume, start "
+            "this one elsewhere (run.output_dir=...), or replace it with run.overwrite=true"
+        )
