@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -292,3 +293,28 @@ def test_a_pipe_or_folder_in_place_of_an_image_is_named_as_such(tmp_path: Path) 
     assert _codes(report)["not_a_file"] == [(1, None), (2, None)]
     assert "missing_image" not in _codes(report)
     assert "'pipe.png' is not a regular file" in report.errors[0].message
+
+
+def test_pixels_that_do_not_decode_are_found_unless_headers_only(tmp_path: Path) -> None:
+    """A JPEG cut to a third of its bytes: its header reads, its pixels do not."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(tmp_path / "x.jpg")
+    data = (tmp_path / "x.jpg").read_bytes()
+    (tmp_path / "x.jpg").write_bytes(data[: len(data) // 3])
+    path = _write(tmp_path, [_img(1, "x.jpg", 120, 160)], [_ann(1)])
+    report = check_dataset(path)
+    assert _codes(report)["corrupt_image"] == [(1, None)]
+    assert "image id 1:" in report.errors[0].message and "x.jpg" in report.errors[0].message
+    assert check_dataset(path, decode=False).ok
+
+
+def test_decoding_notes_animated_cmyk_and_16_bit_files(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (30, 20), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    Image.new("CMYK", (30, 20), (0, 50, 100, 0)).save(tmp_path / "c.jpg")
+    Image.fromarray(np.full((20, 30), 40000, dtype=np.uint16)).save(tmp_path / "g.png")
+    images = [_img(1, "a.gif"), _img(2, "c.jpg"), _img(3, "g.png")]
+    report = check_dataset(_write(tmp_path, images, [_ann(1), _ann(2, 2), _ann(3, 3)]))
+    assert report.ok and _codes(report)["image_mode"] == [(1, None), (2, None), (3, None)]
+    notes = " | ".join(f.message for f in report.warnings if f.code == "image_mode")
+    assert "animated (2 frames)" in notes and "CMYK" in notes and "top 8 bits" in notes

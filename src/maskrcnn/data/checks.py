@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pycocotools import mask as mask_utils
+from tqdm import tqdm
 
 from maskrcnn.data.coco import build_label_map, segmentation_to_rle
 from maskrcnn.data.coco_schema import (
@@ -24,6 +25,7 @@ from maskrcnn.data.coco_schema import (
 from maskrcnn.data.errors import DatasetError
 from maskrcnn.data.image_io import (
     MAX_IMAGE_PIXELS,
+    decode_notes,
     index_by_basename,
     is_file,
     read_image_size,
@@ -170,23 +172,35 @@ def _missing_image_finding(img: dict[str, Any], root: Path, found: list[Path]) -
     return Finding("error", "missing_image", message, img["id"], file=img["file_name"])
 
 
-def _size_finding(img: dict[str, Any], path: Path, max_pixels: int | None) -> Finding | None:
+def _file_findings(
+    img: dict[str, Any], path: Path, max_pixels: int | None, decode: bool
+) -> list[Finding]:
+    """The problems of one image file: unreadable header, too many pixels, a size other than
+    the JSON's; with ``decode``, pixel data that does not decode, and notes on how it is read."""
+    where = {"image_id": img["id"], "file": img["file_name"]}
     try:
         height, width = read_image_size(path)
     except DatasetError as e:
-        return Finding("error", "unreadable_image", f"image id {img['id']}: {e}", img["id"],
-                       file=img["file_name"])
+        return [Finding("error", "unreadable_image", f"image id {img['id']}: {e}", **where)]
     problem = too_large(width, height, max_pixels)
     if problem is not None:
-        return Finding("error", "image_too_large", f"image id {img['id']}: {problem}",
-                       img["id"], file=img["file_name"])
-    if (height, width) == (img["height"], img["width"]):
-        return None
-    return Finding("error", "size_mismatch",
-                   f"image id {img['id']}: file is {height}x{width} (HxW, after EXIF rotation) "
-                   f"but the JSON says {img['height']}x{img['width']}"
-                   f"{swapped_hint((height, width), (img['height'], img['width']))}",
-                   img["id"], file=img["file_name"])
+        return [Finding("error", "image_too_large", f"image id {img['id']}: {problem}", **where)]
+    findings = []
+    if (height, width) != (img["height"], img["width"]):
+        findings.append(Finding(
+            "error", "size_mismatch",
+            f"image id {img['id']}: file is {height}x{width} (HxW, after EXIF rotation) but the "
+            f"JSON says {img['height']}x{img['width']}"
+            f"{swapped_hint((height, width), (img['height'], img['width']))}", **where))
+    if decode:
+        try:
+            notes = decode_notes(path)
+        except DatasetError as e:
+            return [*findings, Finding("error", "corrupt_image", f"image id {img['id']}: {e}",
+                                       **where)]
+        findings += [Finding("warning", "image_mode", f"image id {img['id']}: {path.name}: "
+                             f"{note}", **where) for note in notes]
+    return findings
 
 
 def _outside_root_finding(img: dict[str, Any], allowed: bool) -> Finding:
@@ -217,7 +231,7 @@ def _duplicate_file_findings(images: list[dict[str, Any]]) -> Iterator[Finding]:
 
 def _image_findings(
     images: list[dict[str, Any]], root: Path, search_subfolders: bool, allow_outside_root: bool,
-    max_pixels: int | None,
+    max_pixels: int | None, decode: bool, show_progress: bool,
 ) -> Iterator[Finding]:
     for img in images:
         if escapes_root(img["file_name"]):
@@ -242,10 +256,15 @@ def _image_findings(
                 continue
             path = found[0]
         readable.append((img, path))
-    # Header reads are I/O-bound; threads overlap them on slow or network disks.
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        results = pool.map(lambda item: _size_finding(item[0], item[1], max_pixels), readable)
-        yield from (f for f in results if f is not None)
+    # Header reads are I/O-bound, and PIL releases the GIL while it decodes: threads overlap
+    # both, on every core.
+    workers = max(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(lambda item: _file_findings(*item, max_pixels, decode), readable)
+        what = "decode" if decode else "headers"
+        for found in tqdm(results, total=len(readable), desc=f"check {what}", unit="img",
+                          disable=not show_progress):
+            yield from found
 
 
 def _box_findings(ann: dict[str, Any], height: int, width: int) -> Iterator[Finding]:
@@ -352,8 +371,11 @@ def check_dataset(
     search_subfolders: bool = False,
     allow_outside_root: bool = False,
     max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+    decode: bool = True,
+    show_progress: bool = False,
 ) -> CheckReport:
-    """Checks a COCO instance-segmentation dataset without decoding any image.
+    """Checks a COCO instance-segmentation dataset, decoding every image (``decode=False``:
+    headers only, which misses truncated or corrupt pixel data).
 
     ``image_root`` defaults to the JSON's folder. Structural problems (what makes
     ``CocoDataset`` refuse to load) come first; the image and geometry checks run only when
@@ -386,6 +408,7 @@ def check_dataset(
     data = {**data, "annotations": [a for a in data.get("annotations", [])
                                     if a["id"] not in bad]}
     report.findings += _image_findings(data["images"], root, search_subfolders,
-                                       allow_outside_root, max_image_pixels)
+                                       allow_outside_root, max_image_pixels, decode,
+                                       show_progress)
     report.findings += _annotation_findings(data)
     return report

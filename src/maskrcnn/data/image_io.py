@@ -131,6 +131,30 @@ def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> 
         raise DatasetError(f"{path}: {problem}")
 
 
+def decode_notes(path: str | Path) -> list[str]:
+    """Decodes every pixel of ``path`` (what ``read_image`` will do) and returns what a user
+    may want to know about how it is read: an animated file (first frame only), CMYK (converted
+    to RGB without a colour profile), more than 8 bits a channel (the top 8 kept).
+
+    Raises:
+        DatasetError: naming the path, for truncated or corrupt pixel data, or a non-image.
+    """
+    path = Path(path)
+    _check_file(path)
+    notes = []
+    with _pil_errors(path, "cannot decode image"), Image.open(path) as img:
+        frames = getattr(img, "n_frames", 1)
+        mode = img.mode
+        img.load()  # a truncated or corrupt pixel stream fails here, not on open
+    if frames > 1:
+        notes.append(f"animated ({frames} frames): only the first frame is used")
+    if mode == "CMYK":
+        notes.append("CMYK: converted to RGB without its colour profile")
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        notes.append(f"{mode} pixels (more than 8 bits): the top 8 bits are kept")
+    return notes
+
+
 def read_image_size(path: str | Path) -> tuple[int, int]:
     """Reads an image's ``(height, width)`` from its header, after EXIF orientation.
 
