@@ -277,17 +277,23 @@ def test_mask_pngs_missing_folders(tmp_path: Path) -> None:
         mask_pngs_to_coco(tmp_path / "blank", masks, tmp_path / "out.json")
 
 
-def test_labelme_image_paths_may_not_leave_the_dataset(tmp_path: Path) -> None:
+def test_labelme_absolute_image_paths_are_refused_and_far_ones_announced(
+    tmp_path: Path,
+) -> None:
     dataset = tmp_path / "data"
     _image(tmp_path / "elsewhere" / "x.png", 60, 40)  # beside the dataset, not in it
     (dataset / "ann").mkdir(parents=True)
-    _labelme(dataset / "ann" / "x.json", "../../elsewhere/x.png", [])
-    with pytest.raises(DatasetError, match=r"x\.json: imagePath '\.\./\.\./elsewhere/x\.png' "
-                       r"leads to .*elsewhere/x\.png, outside .*data; keep the images"):
-        labelme_to_coco(dataset / "ann", tmp_path / "out.json")
     _labelme(dataset / "ann" / "x.json", "/etc/passwd", [])
-    with pytest.raises(DatasetError, match=r"imagePath '/etc/passwd' leads to /etc/passwd"):
+    with pytest.raises(DatasetError, match=r"x\.json: imagePath '/etc/passwd' is absolute"):
         labelme_to_coco(dataset / "ann", tmp_path / "out.json")
+    # LabelMe itself writes such paths when its output folder is elsewhere: converted, said.
+    _labelme(dataset / "ann" / "x.json", "../../elsewhere/x.png", [])
+    with pytest.warns(UserWarning, match=r"the images lie outside .*data; file names are "
+                      r"relative to .*elsewhere"):
+        out = labelme_to_coco(dataset / "ann", tmp_path / "out.json")
+    coco = json.loads(out.read_text())
+    assert coco["info"]["image_root"] == str((tmp_path / "elsewhere").resolve())
+    assert coco["images"][0]["file_name"] == "x.png"
 
 
 def test_labelme_sizes_must_match_the_image(tmp_path: Path) -> None:

@@ -139,22 +139,22 @@ def _labelme_polygon(shape: dict[str, Any], where: str) -> list[float] | None:
     raise DatasetError(f"{where}: cannot convert a '{kind}' shape with {len(points)} points")
 
 
-def _labelme_image_path(path: Path, record: dict[str, Any], dataset: Path) -> Path:
+def _labelme_image_path(path: Path, record: dict[str, Any]) -> Path:
     """The image a LabelMe file describes, absolute and normalised.
 
-    LabelMe stores ``imagePath`` relative to the JSON file (often ``../images/x.jpg``), with
-    backslashes when written on Windows. It must stay inside ``dataset`` (the LabelMe
-    folder's parent: images beside the JSON files or in a sibling folder), so that the image
-    root of the COCO file cannot move up to the whole disk.
+    LabelMe stores ``imagePath`` relative to the JSON file (often ``../images/x.jpg``; with
+    an output folder elsewhere, as many ``..`` as it takes), with backslashes when written on
+    Windows. An absolute ``imagePath`` is not what LabelMe writes and could name any file on
+    the machine: it is refused.
     """
     image_path = record.get("imagePath")
     if not isinstance(image_path, str) or not image_path:
         raise DatasetError(f"{path}: no 'imagePath'")
-    resolved = Path(os.path.normpath(path.parent / posix_file_name(image_path)))
-    if not resolved.is_relative_to(dataset):
-        raise DatasetError(f"{path}: imagePath '{image_path}' leads to {resolved}, outside "
-                           f"{dataset}; keep the images beside the LabelMe files or in a "
-                           "sibling folder")
+    posix = posix_file_name(image_path)
+    if posix.startswith("/") or (len(posix) > 1 and posix[1] == ":"):
+        raise DatasetError(f"{path}: imagePath '{image_path}' is absolute; LabelMe writes it "
+                           "relative to the JSON file (e.g. ../images/x.jpg)")
+    resolved = Path(os.path.normpath(path.parent / posix))
     if not is_file(resolved):
         raise DatasetError(f"{path}: imagePath '{image_path}' points to {resolved}, which is "
                            "not a file (imagePath is relative to the LabelMe JSON)")
@@ -230,8 +230,11 @@ def labelme_to_coco(folder: str | Path, out_json: str | Path) -> Path:
         if not isinstance(record, dict) or not isinstance(record.get("shapes"), list):
             raise DatasetError(f"{path}: not a LabelMe file (no 'shapes' list)")
         insts = _labelme_instances(path, record)
-        records.append((record, _labelme_image_path(path, record, folder.parent), insts))
+        records.append((record, _labelme_image_path(path, record), insts))
     root = _common_root([image for _, image, _ in records], str(folder))
+    if not root.is_relative_to(folder.parent):  # LabelMe's output folder was elsewhere
+        warnings.warn(f"{folder}: the images lie outside {folder.parent}; file names are "
+                      f"relative to {root}", stacklevel=2)
     names = sorted({label for _, _, insts in records for label, _ in insts.values()})
     cat_ids = {name: k for k, name in enumerate(names, start=1)}
     images, instances = [], []
