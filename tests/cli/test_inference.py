@@ -445,3 +445,55 @@ def test_eval_lists_the_images_it_skipped_in_metrics_json(
     assert [s["image_id"] for s in listed] == [broken["id"]]
     assert broken["file_name"] in listed[0]["reason"]
     assert f"skipped image id {broken['id']}" in capsys.readouterr().out
+
+
+def test_predict_writes_polygons_and_labelme_files_that_convert_back(
+    trained_tiny: Path, tmp_path: Path
+) -> None:
+    """Every instance with a mask comes back from polygons (and from LabelMe files through
+    `data convert labelme`) with IoU >= 0.98; an instance whose mask is empty has no
+    polygon, so none comes back."""
+    from pycocotools import mask as mask_utils
+
+    from maskrcnn.data.converters import labelme_to_coco
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    train = sorted((trained_tiny / "data").rglob("*.png"))
+    shutil.copy(train[0], folder / "a.png")
+    shutil.copy(train[1], folder / "c.png")
+    images = [str(folder / "a.png"), str(folder / "c.png")]
+    common = ["predict", str(trained_tiny / "last.pth"), *images, "--score-thresh", "0.3"]
+    assert main([*common, "--out", str(tmp_path / "rle")]) == 0
+    assert main([*common, "--out", str(tmp_path / "poly"), "--format", "coco-polygon"]) == 0
+    assert main([*common, "--out", str(tmp_path / "lm"), "--format", "labelme"]) == 0
+    rle = json.loads((tmp_path / "rle" / "predictions.json").read_text())["annotations"]
+    poly = json.loads((tmp_path / "poly" / "predictions.json").read_text())["annotations"]
+    assert len(rle) == len(poly) > 0
+    poly = [p for p, r in zip(poly, rle, strict=True) if mask_utils.area(r["segmentation"])]
+    rle = [r for r in rle if mask_utils.area(r["segmentation"])]
+    assert rle
+    files = sorted(p.name for p in (tmp_path / "lm" / "labelme").iterdir())
+    assert files == ["a.json", "c.json"]
+    record = json.loads((tmp_path / "lm" / "labelme" / "a.json").read_text())
+    assert (tmp_path / "lm" / "labelme" / record["imagePath"]).resolve() == Path(images[0])
+    with pytest.warns(UserWarning, match="the images lie outside"):
+        coco = json.loads(labelme_to_coco(tmp_path / "lm" / "labelme",
+                                          tmp_path / "back.json").read_text())
+    assert len(coco["annotations"]) == len(rle)
+    by_image = {img["id"]: Path(img["file_name"]).name for img in coco["images"]}
+    order = {"a.png": 1, "c.png": 2}
+    for ours, back in zip(rle, sorted(coco["annotations"],
+                                      key=lambda a: (order[by_image[a["image_id"]]], a["id"])),
+                          strict=True):
+        h, w = ours["segmentation"]["size"]
+        target = mask_utils.decode(ours["segmentation"]) > 0
+        again = mask_utils.decode(mask_utils.merge(
+            mask_utils.frPyObjects(back["segmentation"], h, w))) > 0
+        assert (target & again).sum() / max((target | again).sum(), 1) >= 0.98
+    for a, b in zip(rle, poly, strict=True):
+        h, w = a["segmentation"]["size"]
+        target = mask_utils.decode(a["segmentation"]) > 0
+        drawn = mask_utils.decode(mask_utils.merge(
+            mask_utils.frPyObjects(b["segmentation"], h, w))) > 0
+        assert (target & drawn).sum() / max((target | drawn).sum(), 1) >= 0.98

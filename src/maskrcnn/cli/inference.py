@@ -92,7 +92,9 @@ def _run_predict(args: argparse.Namespace) -> int:
     problem = prepare_out(out)
     if problem is not None:
         raise CommandError(problem, USAGE)
-    writer = PredictionWriter(predictor, out, overlay_names(files) if args.overlays else None)
+    names = overlay_names(files)
+    writer = PredictionWriter(predictor, out, names if args.overlays else None, args.format,
+                              names)
     # predictions.json is written however the loop ends (Ctrl-C included): the results of
     # the images done so far are never lost.
     try:
@@ -201,8 +203,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Adds ``predict`` and ``eval`` to a CLI; each sets ``args.func(args) -> int``."""
     p = subparsers.add_parser(
         "predict", help="predict instances on images, folders or globs",
-        description="Write OUT/predictions.json (COCO results with RLE masks, plus the "
-        "images they belong to) and, with --overlays, OUT/overlays/*.png. Images that cannot "
+        description="Write OUT/predictions.json (COCO results with RLE masks, or polygons "
+        "with --format coco-polygon, plus the images they belong to), with --format labelme "
+        "also OUT/labelme/*.json (pre-labels LabelMe opens), and with --overlays "
+        "OUT/overlays/*.png. Images that cannot "
         "be read or predicted are reported and skipped (listed in the JSON); exit code 1 "
         "when no image could be predicted, 2 when OUT cannot be used.",
     )
@@ -214,6 +218,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    "onnxruntime the score_thresh stored in the file by `maskrcnn export`, "
                    "else 0.5)")
     p.add_argument("--overlays", action="store_true", help="write an overlay PNG per image")
+    p.add_argument("--format", choices=("coco-rle", "coco-polygon", "labelme"),
+                   default="coco-rle",
+                   help="masks in predictions.json as RLE (default) or polygons; labelme: RLE "
+                   "there, and a LabelMe file of polygons per image in OUT/labelme")
     p.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
                    help="onnxruntime: CKPT is an ONNX file written by `maskrcnn export` "
                    "(CPU; no --tta, --device ignored)")

@@ -260,11 +260,13 @@ def _image_findings(
     # both, on every core.
     workers = max(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(lambda item: _file_findings(*item, max_pixels, decode), readable)
+        results = pool.map(
+            lambda item: _file_findings(item[0], item[1], max_pixels, decode), readable
+        )
         what = "decode" if decode else "headers"
-        for found in tqdm(results, total=len(readable), desc=f"check {what}", unit="img",
-                          disable=not show_progress):
-            yield from found
+        for findings in tqdm(results, total=len(readable), desc=f"check {what}", unit="img",
+                             disable=not show_progress):
+            yield from findings
 
 
 def _box_findings(ann: dict[str, Any], height: int, width: int) -> Iterator[Finding]:

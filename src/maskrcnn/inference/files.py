@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import sys
 import tempfile
 import time
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from maskrcnn.data.errors import DatasetError
 from maskrcnn.data.image_input import to_float_image
 from maskrcnn.data.image_io import read_image
+from maskrcnn.data.polygons import mask_to_polygons
 from maskrcnn.export.onnx_predictor import OnnxPredictor
 from maskrcnn.inference.predictor import Prediction, Predictor
 from maskrcnn.utils.atomic import write_text_atomic
@@ -27,6 +29,9 @@ from maskrcnn.utils.visualize import draw_instances, save_overlay
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
+# coco-rle: predictions.json with RLE masks; coco-polygon: with polygons; labelme: RLE, plus
+# one LabelMe file per image in OUT/labelme (pre-labels that LabelMe opens).
+FORMATS = ("coco-rle", "coco-polygon", "labelme")
 
 
 class Skipped(NamedTuple):
@@ -85,11 +90,23 @@ class PredictionWriter:
     """Collects the COCO results of ``maskrcnn predict`` and writes overlays as it goes."""
 
     def __init__(
-        self, predictor: Predictor | OnnxPredictor, out: Path, overlays: dict[Path, str] | None
+        self,
+        predictor: Predictor | OnnxPredictor,
+        out: Path,
+        overlays: dict[Path, str] | None,
+        fmt: str = "coco-rle",
+        names: dict[Path, str] | None = None,
     ) -> None:
+        """``overlays``: each file's overlay name (None: no overlays); ``fmt``: one of
+        :data:`FORMATS`; ``names``: each file's distinct name stem (``overlay_names``), for
+        the LabelMe files."""
+        if fmt not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
         self.predictor = predictor
         self.out = out
         self.overlays = overlays
+        self.fmt = fmt
+        self.names = names
         self.images: list[dict[str, Any]] = []
         self.annotations: list[dict[str, Any]] = []
         self.seconds = 0.0
@@ -123,12 +140,40 @@ class PredictionWriter:
         image_id, path, image = item
         height, width = pred.image_size
         results = pred.to_coco(image_id, self.predictor.label_to_cat_id)
+        if self.fmt == "coco-polygon":
+            for result, mask in zip(results, pred.masks, strict=True):
+                result["segmentation"] = mask_to_polygons(mask.numpy())
+        if self.fmt == "labelme":
+            stem = Path(self.names[path] if self.names else path.name).stem
+            self.save_labelme(path, pred, self.out / "labelme" / f"{stem}.json")
         if self.overlays is not None:
             self.save_overlay(image, pred, self.out / "overlays" / self.overlays[path])
         self.images.append({"id": image_id, "file_name": str(path), "height": height,
                             "width": width})
         for result in results:
             self.annotations.append({"id": len(self.annotations) + 1, **result})
+
+    def save_labelme(self, image_path: Path, pred: Prediction, path: Path) -> None:
+        """A LabelMe file of ``pred``'s instances as polygons (one ``group_id`` per instance,
+        so that one made of several parts converts back as one), ``imagePath`` relative to the
+        file as LabelMe writes it: pre-labels to correct in LabelMe."""
+        height, width = pred.image_size
+        shapes = [
+            {"label": name, "points": [[x, y] for x, y in zip(poly[::2], poly[1::2],
+                                                              strict=True)],
+             "group_id": k, "shape_type": "polygon", "flags": {}, "description": f"{score:.3f}"}
+            for k, (name, mask, score) in enumerate(
+                zip(pred.class_names, pred.masks, pred.scores.tolist(), strict=True), start=1
+            )
+            for poly in mask_to_polygons(mask.numpy())
+        ]
+        record: dict[str, Any] = {
+            "version": "5.4.1", "flags": {}, "shapes": shapes,
+            "imagePath": os.path.relpath(image_path.resolve(), path.parent.resolve()),
+            "imageData": None, "imageHeight": height, "imageWidth": width,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(record, indent=1))
 
     def save_overlay(self, image: Tensor, pred: Prediction, path: Path) -> None:
         names = self.predictor.class_names
