@@ -145,6 +145,9 @@ class DataConfig:
     num_workers: int = 2
     aspect_ratio_grouping: bool = True
     on_bad_sample: str = "error"
+    # Repeat-factor sampling against class imbalance (LVIS): an image whose rarest class is in
+    # a fraction f < t of the images repeats sqrt(t / f) times an epoch; 0 turns it off.
+    repeat_factor_threshold: float = 0.0
     train_augmentation: tuple[dict[str, Any], ...] | None = None
     val_augmentation: tuple[dict[str, Any], ...] | None = None
     synthetic_train_images: int = 200
@@ -152,6 +155,9 @@ class DataConfig:
     synthetic_size: int = 128
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.repeat_factor_threshold <= 1.0:
+            raise ValueError("data.repeat_factor_threshold must be in [0, 1] (0: off), got "
+                             f"{self.repeat_factor_threshold}")
         if self.on_bad_sample not in ("error", "skip"):
             raise ValueError(
                 f"data.on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}"

@@ -45,23 +45,26 @@ def test_training_lowers_the_loss_and_writes_the_run_folder(tmp_path: Path) -> N
     assert list((tmp_path / "tensorboard").iterdir())
 
 
-def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sampling", ["uniform", "repeat factors"])
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path: Path, sampling: str) -> None:
     n = 4
     # 12 images, batch 2: an epoch is 6 batches, so the run crosses an epoch boundary.
+    extra = ["data.repeat_factor_threshold=0.9"] if sampling == "repeat factors" else []
     straight = Trainer(
-        tiny_config(tmp_path / "a", f"solver.max_iter={2 * n}", "solver.steps=[5]"),
+        tiny_config(tmp_path / "a", f"solver.max_iter={2 * n}", "solver.steps=[5]", *extra),
         show_progress=False,
     )
     straight.train()
     first = Trainer(
         tiny_config(
-            tmp_path / "b", f"solver.max_iter={n}", "solver.steps=[5]", "run.checkpoint_period=2"
+            tmp_path / "b", f"solver.max_iter={n}", "solver.steps=[5]", "run.checkpoint_period=2",
+            *extra,
         ),
         show_progress=False,
     )
     first.train()
     resumed = Trainer(
-        tiny_config(tmp_path / "b", f"solver.max_iter={2 * n}", "solver.steps=[5]"),
+        tiny_config(tmp_path / "b", f"solver.max_iter={2 * n}", "solver.steps=[5]", *extra),
         resume=True,
         show_progress=False,
     )

@@ -175,6 +175,15 @@ class CocoDataset(Dataset[tuple[Any, Any]]):
         img = self._images[index]
         return {key: img[key] for key in IMAGE_KEYS}
 
+    def image_labels(self) -> list[set[int]]:
+        """The labels of each image's annotations (crowd regions left out when they are
+        skipped), from the JSON (no image is read)."""
+        return [
+            {self.cat_id_to_label[a["category_id"]] for a in anns
+             if not (self.skip_crowd and a.get("iscrowd", 0))}
+            for anns in self._annotations
+        ]
+
     def aspect_ratios(self) -> list[float]:
         """Width / height of every image, from the JSON (no image is read)."""
         return [img["width"] / img["height"] for img in self._images]

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
@@ -25,6 +26,8 @@ from torch.utils.data import (
     SequentialSampler,
     Subset,
 )
+
+from maskrcnn.data.repeat_factor import RepeatFactorSampler
 
 Target = dict[str, Any]
 LANDSCAPE, PORTRAIT = 0, 1
@@ -156,9 +159,15 @@ def build_sampler(
     seed: int,
     num_replicas: int | None = None,
     rank: int | None = None,
+    factors: Sequence[float] | None = None,
 ) -> Sampler[int]:
     """Index sampler. Shuffling uses ``DistributedSampler`` (one replica when not distributed)
-    so the order is a pure function of ``seed`` and the epoch given to ``set_epoch``."""
+    so the order is a pure function of ``seed`` and the epoch given to ``set_epoch``; with
+    repeat ``factors`` (one per image), a :class:`RepeatFactorSampler`, as reproducible."""
+    if factors is not None:
+        if distributed and (num_replicas is None or rank is None):
+            num_replicas, rank = dist.get_world_size(), dist.get_rank()
+        return RepeatFactorSampler(factors, seed, num_replicas or 1, rank or 0)
     if distributed:
         return DistributedSampler(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed
@@ -182,15 +191,18 @@ def build_loader(
     rank: int | None = None,
     aspect_ratio_fn: Callable[[int], float] | None = None,
     pin_memory: bool = False,
+    repeat_factors: Sequence[float] | None = None,
 ) -> DataLoader[Any]:
     """A DataLoader yielding ``collate`` batches.
 
     Call ``set_epoch(loader, epoch)`` at the start of every epoch: without it each epoch sees
     the same order. ``num_replicas``/``rank`` default to the initialised process group.
     Worker RNGs derive from ``seed`` (and the rank); with ``num_workers=0`` random transforms
-    use the main process's RNG, which ``torch.manual_seed`` controls.
+    use the main process's RNG, which ``torch.manual_seed`` controls. ``repeat_factors``:
+    repeat-factor sampling (``data.repeat_factor``), one factor per image.
     """
-    sampler = build_sampler(dataset, shuffle, distributed, seed, num_replicas, rank)
+    sampler = build_sampler(dataset, shuffle, distributed, seed, num_replicas, rank,
+                            repeat_factors)
     batch_sampler: Sampler[list[int]]
     if aspect_ratio_grouping:
         groups = orientation_groups(dataset_aspect_ratios(dataset, aspect_ratio_fn))

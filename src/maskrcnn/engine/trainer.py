@@ -22,6 +22,7 @@ from tqdm import tqdm
 from maskrcnn.config import DataConfig, TrainConfig, to_dict
 from maskrcnn.data.errors import DatasetError
 from maskrcnn.data.loader import build_loader
+from maskrcnn.data.repeat_factor import repeat_factors
 from maskrcnn.engine.batches import training_loader
 from maskrcnn.engine.build import (
     build_datasets,
@@ -129,6 +130,14 @@ class Trainer:
 
     def build_loader(self) -> DataLoader[Any]:
         d = self.cfg.data
+        factors = None
+        if d.repeat_factor_threshold > 0:
+            factors = repeat_factors(self.train_set.image_labels(), d.repeat_factor_threshold)
+            log.info(
+                "repeat-factor sampling (threshold %g): %.0f images an epoch instead of %d, "
+                "%d images repeated", d.repeat_factor_threshold, sum(factors), len(factors),
+                sum(f > 1 for f in factors),
+            )
         base = build_loader(
             self.train_set,
             d.batch_size,
@@ -140,6 +149,7 @@ class Trainer:
             distributed=self.dist.enabled,
             num_replicas=self.dist.world_size,
             rank=self.dist.rank,
+            repeat_factors=factors,
         )
         return training_loader(base, self.cfg.run.seed, d.on_bad_sample == "skip")
 
