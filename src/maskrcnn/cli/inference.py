@@ -131,6 +131,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from maskrcnn.data.errors import DatasetError
     from maskrcnn.engine.summary import format_metrics
     from maskrcnn.inference.files import prepare_out
+    from maskrcnn.inference.report import write_report
     from maskrcnn.inference.scoring import evaluate_predictor, match_categories
 
     base = load_predictor(args, score_thresh=0.0)
@@ -164,8 +165,13 @@ def _run_eval(args: argparse.Namespace) -> int:
             if done == 0:
                 raise CommandError(f"none of the {len(dataset)} images could be read")
             folder = out.joinpath(*(x.lower() for x in (mode, name) if x))
-            rows.append((label, evaluator.save(folder, skipped), seconds))
+            metrics = evaluator.save(folder, skipped)
+            rows.append((label, metrics, seconds))
             folders.append(folder)
+            if args.report:
+                page = write_report(folder, evaluator, dataset, metrics, args.report_thresh,
+                                    args.report_images)
+                print(f"report: {page}")
     print(f"evaluated {done} images of {args.data}, skipped {len(skipped)}")
     for image_id, reason in skipped.items():
         print(f"  skipped image id {image_id}: {reason}")
@@ -241,4 +247,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="find images by basename in subfolders of DIR")
     e.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default: CKPT's folder/eval; TTA results in DIR/tta)")
+    e.add_argument("--report", action="store_true",
+                   help="also write DIR/report.html (opens offline): AP tables, per-class "
+                   "precision / recall / F1, confusion matrix (also .png and .csv), PR curves, "
+                   "the worst images; filterable by class")
+    e.add_argument("--report-thresh", type=probability, default=0.5, metavar="T",
+                   help="with --report: the score threshold of the operating point (default "
+                   "0.5); each class's best-F1 threshold is shown too")
+    e.add_argument("--report-images", type=positive_int, default=12, metavar="N",
+                   help="with --report: how many of the worst images to show (default 12)")
     e.set_defaults(func=_run_eval)

@@ -202,7 +202,9 @@ class CocoDataset(Dataset[tuple[Any, Any]]):
             )
         return found[0] if found else path
 
-    def _read(self, index: int) -> torch.Tensor:
+    def read_image(self, index: int) -> torch.Tensor:
+        """Image ``index`` as (3, H, W) uint8, checked against the JSON's size; without the
+        transforms. A DatasetError names the file and image id."""
         img = self._images[index]
         path = self.image_path(index)
         try:
@@ -222,7 +224,7 @@ class CocoDataset(Dataset[tuple[Any, Any]]):
         return image
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
-        image = self._read(index)
+        image = self.read_image(index)
         anns = [
             a for a in self._annotations[index] if not (self.skip_crowd and a.get("iscrowd", 0))
         ]

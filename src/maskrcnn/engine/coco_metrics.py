@@ -307,6 +307,10 @@ class CocoEvaluator:
         self._image_ids.extend(fresh)
         self._metrics = None
 
+    def evaluated_image_ids(self) -> list[int]:
+        """The images the metrics are computed on: those passed to ``update``, else all."""
+        return list(self._image_ids or self._image_sizes)
+
     def results_json(self) -> list[dict[str, Any]]:
         """The accumulated COCO results (bbox and, with segm, an RLE ``segmentation``)."""
         return copy.deepcopy(self._results)
@@ -324,7 +328,7 @@ class CocoEvaluator:
         Values lie in [0, 1]; -1 where COCO finds them undefined (no ground truth in that
         range). Only the images passed to ``update`` are evaluated (all, if none were).
         """
-        image_ids = self._image_ids or list(self._image_sizes)
+        image_ids = self.evaluated_image_ids()
         names = _category_names(self.gt["categories"])
         metrics: dict[str, Any] = {}
         for iou_type in self.iou_types:
