@@ -98,9 +98,11 @@ def test_report_in_a_real_browser(evaluated: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
     metrics = json.loads((evaluated / "metrics.json").read_text())
     with sync_api.sync_playwright() as p:
+        # Generous timeouts: on two busy cores starting a browser can take long.
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=["--no-sandbox"])
+                                    args=["--no-sandbox"], timeout=180_000)
         page = browser.new_page()
+        page.set_default_timeout(180_000)
         page.goto((evaluated / "report.html").resolve().as_uri())
         for iou_type in ("bbox", "segm"):
             for key in ("AP", "AP50"):

@@ -68,7 +68,7 @@ def load_ground_truth(coco_gt: Mapping[str, Any] | str | Path) -> dict[str, Any]
             ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
             continue
         img = images[ann["image_id"]]
-        rle = _to_rle(ann["segmentation"], img["height"], img["width"])
+        rle = to_rle(ann["segmentation"], img["height"], img["width"])
         ann.setdefault("area", float(mask_utils.area(rle)))
         ann.setdefault("bbox", [float(v) for v in mask_utils.toBbox(rle)])
     data.setdefault("annotations", [])
@@ -80,7 +80,9 @@ def load_ground_truth(coco_gt: Mapping[str, Any] | str | Path) -> dict[str, Any]
     return data
 
 
-def _to_rle(segm: Any, height: int, width: int) -> Any:
+def to_rle(segm: Any, height: int, width: int) -> Any:
+    """A COCO segmentation (polygons, uncompressed or compressed RLE) as compressed RLE, as
+    pycocotools reads the ground truth."""
     if isinstance(segm, list):
         return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
     if isinstance(segm["counts"], list):

@@ -29,7 +29,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from maskrcnn.data.coco import CocoDataset
-from maskrcnn.engine.coco_metrics import CocoEvaluator
+from maskrcnn.engine.coco_metrics import CocoEvaluator, to_rle
 from maskrcnn.utils.atomic import write_text_atomic
 from maskrcnn.utils.visualize import draw_instances, side_by_side
 
@@ -90,7 +90,7 @@ def image_matches(evaluator: CocoEvaluator) -> list[ImageMatches]:
         height, width = sizes[image_id]
         gts = gt_by_image.get(image_id, [])
         preds = sorted(pred_by_image.get(image_id, []), key=lambda r: -r["score"])
-        gt_rles = [_rle(a["segmentation"], height, width) for a in gts]
+        gt_rles = [to_rle(a["segmentation"], height, width) for a in gts]
         pred_rles = [r["segmentation"] for r in preds]
         crowd = [bool(a.get("iscrowd", 0)) for a in gts]
         iou = (
@@ -102,14 +102,6 @@ def image_matches(evaluator: CocoEvaluator) -> list[ImageMatches]:
                                 [r["category_id"] for r in preds],
                                 [float(r["score"]) for r in preds], pred_rles, iou))
     return out
-
-
-def _rle(segmentation: Any, height: int, width: int) -> Any:
-    if isinstance(segmentation, list):
-        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    if isinstance(segmentation["counts"], list):
-        return mask_utils.frPyObjects(segmentation, height, width)
-    return segmentation
 
 
 def match_by_class(m: ImageMatches) -> list[tuple[int, float, bool | None]]:
@@ -273,7 +265,7 @@ def _gallery_picture(
         if not items:
             return Image.fromarray(image.permute(1, 2, 0).numpy())
         masks = torch.from_numpy(np.stack(
-            [mask_utils.decode(_rle(i["segmentation"], height, width)) for i in items]
+            [mask_utils.decode(to_rle(i["segmentation"], height, width)) for i in items]
         ).astype(bool))
         labels = torch.tensor([cat_index[i["category_id"]] for i in items])
         score = torch.tensor([i["score"] for i in items]) if scores else None
