@@ -16,7 +16,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from maskrcnn.engine.coco_metrics import CocoEvaluator, _category_names, resolve_backend
+from maskrcnn.engine.coco_metrics import CocoEvaluator, category_names, resolve_backend
 from maskrcnn.engine.coco_results import prediction_to_coco
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -436,9 +436,9 @@ def test_falls_back_to_pycocotools(monkeypatch: pytest.MonkeyPatch) -> None:
         assert resolve_backend("faster_coco_eval") == "pycocotools"
 
 
-def test_repeated_category_names_are_disambiguated() -> None:
+def test_repeatedcategory_names_are_disambiguated() -> None:
     cats = [{"id": 1, "name": "facade"}, {"id": 2, "name": "facade"}, {"id": 3, "name": "door"}]
-    assert _category_names(cats) == {1: "facade#1", 2: "facade#2", 3: "door"}
+    assert category_names(cats) == {1: "facade#1", 2: "facade#2", 3: "door"}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

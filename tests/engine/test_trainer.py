@@ -317,3 +317,36 @@ def test_patience_stops_after_evaluations_without_a_better_mask_ap(
     assert load_checkpoint(tmp_path / "last.pth")["iteration"] == 8
     assert "early stop at iteration 8" in caplog.text
     assert next(aps) == 0.7  # no evaluation after the stop
+
+
+def test_a_checkpoint_at_an_evaluation_keeps_the_patience_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import maskrcnn.engine.trainer as trainer_module
+
+    aps = iter([0.5, 0.6, 0.4])
+
+    def scripted(*args: object, **kwargs: object) -> dict[str, object]:
+        ap = next(aps)
+        return {t: {"AP": ap, "AP50": ap, "per_class": {}} for t in ("bbox", "segm")}
+
+    monkeypatch.setattr(trainer_module, "evaluate", scripted)
+    cfg = tiny_config(tmp_path, "solver.max_iter=6", "run.eval_period=2",
+                      "run.checkpoint_period=2", "run.patience=5")
+    Trainer(cfg, show_progress=False).train()
+    state = load_checkpoint(tmp_path / "last.pth")
+    assert state["iteration"] == 6 and state["evals_without_gain"] == 1
+
+
+def test_resume_does_not_need_the_start_weights_again(trained_tiny: Path, tmp_path: Path) -> None:
+    import shutil
+
+    source = tmp_path / "source.pth"
+    shutil.copy(trained_tiny / "last.pth", source)
+    cfg = tiny_config(tmp_path / "run", "solver.max_iter=2", "run.checkpoint_period=1",
+                      f"model.weights={source}")
+    Trainer(cfg, show_progress=False).train()
+    source.unlink()  # moved away, or an offline machine without the hub file
+    longer = tiny_config(tmp_path / "run", "solver.max_iter=3", f"model.weights={source}")
+    resumed = Trainer(longer, resume=True, show_progress=False)
+    assert resumed.iteration == 2

@@ -189,3 +189,21 @@ def test_weights_cli_lists_and_locates(hub: Path, capsys: pytest.CaptureFixture[
     (hub / "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth").write_bytes(b"")
     assert main(["weights", "path", "coco"]) == 0
     assert main(["weights", "path", "cocoa"]) == 2
+
+
+def test_class_agnostic_masks_on_one_side_only_start_fresh(trained_tiny: Path) -> None:
+    checkpoint = trained_tiny / "last.pth"
+    cfg = ModelConfig(**{**saved_model_config(checkpoint), "num_classes": 3,
+                         "class_agnostic_masks": True})
+    model = MaskRCNN(cfg)
+    transfer = load_detector(model, source_of(str(checkpoint)), cfg.backbone,
+                             ["__background__", "triangle", "star"])
+    assert "roi_heads.mask_predictor.mask_fcn_logits.weight" in transfer.fresh
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.weight.shape[0] == 1
+
+
+def test_files_that_are_not_weights_are_named(tmp_path: Path) -> None:
+    junk = tmp_path / "model.onnx"
+    junk.write_bytes(b"\x08\x07\x12\x04junk" * 100)
+    with pytest.raises(WeightsError, match=r"model\.onnx\) is not a"):
+        source_of(str(junk))

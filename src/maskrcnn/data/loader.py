@@ -230,7 +230,7 @@ def build_loader(
 
 
 def set_epoch(loader: DataLoader[Any], epoch: int) -> None:
-    """Forwards ``epoch`` to the loader's ``DistributedSampler`` (new shuffle order per epoch)."""
-    sampler = getattr(loader.batch_sampler, "sampler", None)
-    if isinstance(sampler, DistributedSampler):
+    """Forwards ``epoch`` to the loader's sampler (new order per epoch)."""
+    sampler: Any = getattr(loader.batch_sampler, "sampler", None)
+    if hasattr(sampler, "set_epoch"):  # DistributedSampler, RepeatFactorSampler
         sampler.set_epoch(epoch)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from maskrcnn.data.errors import DatasetError
 from maskrcnn.data.loader import collate
 
-Key = tuple[int, int]  # (epoch, dataset index)
+Key = tuple[int, int, int]  # (epoch, dataset index, earlier draws of it in the epoch)
 
 
 @dataclass
@@ -31,7 +31,8 @@ class BadSample:
 
 
 class SeededDataset(Dataset[Any]):
-    """``dataset[(epoch, i)]`` is ``dataset[i]`` with torch's RNG seeded per sample. With
+    """``dataset[(epoch, i, r)]`` is ``dataset[i]`` with torch's RNG seeded per sample (``r``:
+    the sample's earlier draws in the epoch). With
     ``skip_bad`` a sample that raises :class:`DatasetError` becomes a :class:`BadSample`."""
 
     def __init__(self, dataset: Dataset[Any], seed: int, skip_bad: bool) -> None:
@@ -43,13 +44,13 @@ class SeededDataset(Dataset[Any]):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: Key) -> Any:
-        epoch, index = key
+        epoch, index, repeat = key
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only (the one augmentation draws from, and the one fork_rng
             # restores): torch.manual_seed would reseed the CUDA generators that the model's
             # samplers draw from, and a resumed run would drift from a straight one.
             torch.default_generator.manual_seed(
-                (self.seed * 1_000_003 + epoch * 10_007 + index) % 2**63
+                (self.seed * 1_000_003 + epoch * 10_007 + index + repeat * 7_919_993) % 2**63
             )
             try:
                 return self.dataset[index]
@@ -60,7 +61,7 @@ class SeededDataset(Dataset[Any]):
 
 
 class EpochBatchSampler(Sampler[list[Key]]):
-    """Wraps a batch sampler whose order depends on ``set_epoch``; yields ``(epoch, i)``
+    """Wraps a batch sampler whose order depends on ``set_epoch``; yields ``(epoch, i, r)``
     keys and can start ``skip`` batches into the epoch."""
 
     def __init__(self, batch_sampler: Sampler[list[int]]) -> None:
@@ -75,9 +76,16 @@ class EpochBatchSampler(Sampler[list[Key]]):
             inner.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[list[Key]]:
+        # An image drawn twice in an epoch (repeat-factor sampling) is augmented differently
+        # each time: the key counts its earlier draws, skipped batches included (resume).
+        seen: dict[int, int] = {}
         for k, batch in enumerate(self.batch_sampler):
+            keys = []
+            for i in batch:
+                keys.append((self.epoch, i, seen.get(i, 0)))
+                seen[i] = seen.get(i, 0) + 1
             if k >= self.skip:
-                yield [(self.epoch, i) for i in batch]
+                yield keys
 
     def __len__(self) -> int:
         return len(self.batch_sampler) - self.skip  # type: ignore[arg-type]

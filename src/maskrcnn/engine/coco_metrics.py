@@ -174,7 +174,7 @@ def summarize(coco_eval: Any, category_names: Mapping[int, str]) -> dict[str, An
     return out
 
 
-def _category_names(categories: list[dict[str, Any]]) -> dict[int, str]:
+def category_names(categories: list[dict[str, Any]]) -> dict[int, str]:
     """Category id → name; a name used by several categories gets ``#<id>`` appended."""
     counts: dict[str, int] = {}
     for cat in categories:
@@ -331,7 +331,7 @@ class CocoEvaluator:
         range). Only the images passed to ``update`` are evaluated (all, if none were).
         """
         image_ids = self.evaluated_image_ids()
-        names = _category_names(self.gt["categories"])
+        names = category_names(self.gt["categories"])
         metrics: dict[str, Any] = {}
         for iou_type in self.iou_types:
             results = list(self._results_for(iou_type))

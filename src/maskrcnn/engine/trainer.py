@@ -78,6 +78,9 @@ class Trainer:
         self.out = Path(cfg.run.output_dir)
         if not resume and not cfg.run.overwrite:
             refuse_to_replace(self.out)
+        if not resume and cfg.run.overwrite and self.dist.is_main:
+            for name in ("last.pth", "best.pth", "metrics.json"):  # the replaced run's
+                (self.out / name).unlink(missing_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = device_for(self.dist, cfg.run.device)
         torch.manual_seed(cfg.run.seed)
@@ -87,8 +90,12 @@ class Trainer:
         )
         self.cfg = cfg
         self.precision = resolve_precision(cfg.solver.precision, self.device)
+        # A resumed run takes every tensor from last.pth: the start weights are not needed.
+        start = cfg.model
+        if resume and (self.out / "last.pth").is_file():
+            start = dataclasses.replace(start, weights=None)
         self.net: torch.nn.Module = (
-            build_model(cfg.model, self.device, self.train_set.class_names)
+            build_model(start, self.device, self.train_set.class_names)
             if net is None
             else net.to(self.device)
         )
@@ -208,10 +215,9 @@ class Trainer:
         if checkpoint:
             self.save(self.out / "last.pth")
         if r.eval_period and self.iteration % r.eval_period == 0:
-            best = self.best_ap
             self.run_evaluation()
-            if checkpoint and self.best_ap != best:
-                self.save(self.out / "last.pth")  # so that a resumed run knows the best AP
+            if checkpoint:  # again, so that a resumed run knows the best AP and the patience
+                self.save(self.out / "last.pth")
 
     def step(self, stream: Iterator[tuple[list[Tensor], list[dict[str, Any]]]]) -> dict[str, float]:
         """One optimiser step over ``accumulation_steps`` micro-batches; the gradient is that

@@ -142,7 +142,9 @@ class PredictionWriter:
         results = pred.to_coco(image_id, self.predictor.label_to_cat_id)
         if self.fmt == "coco-polygon":
             for result, mask in zip(results, pred.masks, strict=True):
-                result["segmentation"] = mask_to_polygons(mask.numpy())
+                polygons = mask_to_polygons(mask.numpy())
+                if polygons:  # an empty mask has no polygon: it keeps its (empty) RLE
+                    result["segmentation"] = polygons
         if self.fmt == "labelme":
             stem = Path(self.names[path] if self.names else path.name).stem
             self.save_labelme(path, pred, self.out / "labelme" / f"{stem}.json")

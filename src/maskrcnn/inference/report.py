@@ -29,7 +29,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from maskrcnn.data.coco import CocoDataset
-from maskrcnn.engine.coco_metrics import CocoEvaluator, to_rle
+from maskrcnn.engine.coco_metrics import CocoEvaluator, category_names, to_rle
 from maskrcnn.utils.atomic import write_text_atomic
 from maskrcnn.utils.visualize import draw_instances, side_by_side
 
@@ -176,15 +176,14 @@ def confusion_matrix(
         for p, (cat, score) in enumerate(zip(m.pred_cats, m.pred_scores, strict=True)):
             if score < thresh:
                 continue
-            candidates = [g for g in range(len(m.gt_cats))
-                          if g not in taken and m.iou[p, g] >= IOU]
-            if not candidates:
-                counts[k, index[cat]] += 1
-                continue
-            g = max(candidates, key=lambda j: m.iou[p, j])
-            taken.add(g)
-            if not m.gt_crowd[g]:
+            objects = [g for g in range(len(m.gt_cats))
+                       if not m.gt_crowd[g] and g not in taken and m.iou[p, g] >= IOU]
+            if objects:  # the object it overlaps most; crowd regions only when none is left
+                g = max(objects, key=lambda j: m.iou[p, j])
+                taken.add(g)
                 counts[index[m.gt_cats[g]], index[cat]] += 1
+            elif not any(m.gt_crowd[g] and m.iou[p, g] >= IOU for g in range(len(m.gt_cats))):
+                counts[k, index[cat]] += 1  # on nothing: a false alarm (on a crowd: neither)
         for g, cat in enumerate(m.gt_cats):
             if g not in taken and not m.gt_crowd[g]:
                 counts[index[cat], k] += 1
@@ -212,9 +211,9 @@ def worst_images(
 def build_report(
     evaluator: CocoEvaluator, metrics: dict[str, Any], thresh: float, gallery: int = 12
 ) -> Report:
-    categories = sorted(evaluator.gt["categories"], key=lambda c: c["id"])
-    cat_ids = [c["id"] for c in categories]
-    names = [c["name"] for c in categories]
+    by_id = category_names(evaluator.gt["categories"])  # the names of metrics["per_class"]
+    cat_ids = sorted(by_id)
+    names = [by_id[c] for c in cat_ids]
     matches = image_matches(evaluator)
     return Report(
         metrics=metrics,
@@ -269,7 +268,9 @@ def _gallery_picture(
         ).astype(bool))
         labels = torch.tensor([cat_index[i["category_id"]] for i in items])
         score = torch.tensor([i["score"] for i in items]) if scores else None
-        return draw_instances(image, None, labels, score, masks, ["", *names])
+        boxes = torch.tensor([i["bbox"] for i in items], dtype=torch.float32)
+        boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+        return draw_instances(image, boxes, labels, score, masks, ["", *names])
 
     return side_by_side(draw(gts, False), draw(preds, True))
 
@@ -289,8 +290,8 @@ def write_report(
         for name, row in zip(labels, report.confusion.tolist(), strict=True):
             writer.writerow([name, *row])
     _confusion_figure(report, out / "confusion.png")
-    cat_index = {c["id"]: k + 1 for k, c in enumerate(
-        sorted(evaluator.gt["categories"], key=lambda c: c["id"]))}
+    cat_index = {c: k + 1 for k, c in enumerate(sorted(category_names(
+        evaluator.gt["categories"])))}
     pictures = [
         (image_id, errors, classes,
          _png(_gallery_picture(dataset, evaluator, image_id, report.names, cat_index, thresh)))

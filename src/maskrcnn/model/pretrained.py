@@ -48,7 +48,7 @@ class Source:
     state: dict[str, Tensor]
     class_names: list[str] | None
     backbone: str | None = None  # the backbone the weights are for, when the source says
-    arch: str = "v1"
+    arch: str | None = "v1"  # None: the file does not say
 
 
 @dataclass
@@ -97,17 +97,16 @@ def source_of(name_or_path: str, backbone: str | None = None, arch: str = "v1") 
     names_in_file = meta.get("class_names") if isinstance(meta, dict) else None
     config = meta.get("config") if isinstance(meta, dict) else None
     model = config.get("model", {}) if isinstance(config, dict) else {}
-    return Source(
-        str(path), state, names_in_file, model.get("backbone"), model.get("arch", "v1")
-    )
+    return Source(str(path), state, names_in_file, model.get("backbone"), model.get("arch"))
 
 
 def check_fits(
-    name: str, source_backbone: str | None, source_arch: str, backbone: str | None, arch: str
+    name: str, source_backbone: str | None, source_arch: str | None, backbone: str | None,
+    arch: str,
 ) -> None:
     """A WeightsError when weights for ``source_backbone`` / ``source_arch`` cannot fit a
-    model with ``backbone`` (None: not known yet) and ``arch``."""
-    if source_arch != arch:
+    model with ``backbone`` / ``arch`` (None: not known; the tensors' shapes decide)."""
+    if source_arch is not None and source_arch != arch:
         raise WeightsError(f"{name} is a {source_arch} model; set model.arch={source_arch}")
     if None not in (source_backbone, backbone) and source_backbone != backbone:
         raise WeightsError(
@@ -182,8 +181,11 @@ def load_detector(
         if key not in state or (same and state[key].shape == own[key].shape):
             continue
         fresh = own[key].clone()
-        if fresh.shape[0] == state[key].shape[0] and fresh.shape[0] == per_class:
+        sizes = (fresh.shape[0], state[key].shape[0])
+        if sizes == (per_class, per_class):
             fresh = state[key]  # class-agnostic masks: one channel, any classes
+        elif per_class in sizes:  # class-agnostic on one side only: nothing to copy row-wise
+            transfer.fresh.append(key)
         else:
             _copy_rows(fresh, state[key], rows, per_class)
             transfer.fresh.append(key)

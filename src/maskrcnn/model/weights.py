@@ -151,10 +151,17 @@ def read_state_dict(path: Path, what: str) -> dict[str, Tensor]:
     of a training checkpoint its ``model`` entry, of a file that nests it, ``state_dict``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" in str(err):
+            raise WeightsError(
+                f"{what} ({path}) was refused: it holds Python objects other than tensors "
+                "and plain values (loading it could run code)"
+            ) from None
+        raise WeightsError(f"{what} ({path}) is not a PyTorch weights file") from None
+    except (RuntimeError, EOFError) as err:  # e.g. a download cut short
         raise WeightsError(
-            f"{what} ({path}) was refused: it holds Python objects other than tensors and "
-            "plain values (loading it could run code)"
+            f"{what} ({path}) is not a complete PyTorch weights file ({err}); delete it and "
+            "download it again"
         ) from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
