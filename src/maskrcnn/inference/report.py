@@ -76,14 +76,18 @@ class Report:
     worst: list[tuple[int, int, set[str]]] = field(default_factory=list)  # id, errors, classes
 
 
+def by_image(items: Sequence[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    """Annotations or results grouped by their ``image_id``."""
+    grouped: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for item in items:
+        grouped[item["image_id"]].append(item)
+    return grouped
+
+
 def image_matches(evaluator: CocoEvaluator) -> list[ImageMatches]:
     """The evaluated images with their ground truth, predictions and IoUs."""
-    gt_by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for ann in evaluator.gt["annotations"]:
-        gt_by_image[ann["image_id"]].append(ann)
-    pred_by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for result in evaluator.results_json():
-        pred_by_image[result["image_id"]].append(result)
+    gt_by_image = by_image(evaluator.gt["annotations"])
+    pred_by_image = by_image(evaluator.results_json())
     sizes = {img["id"]: (img["height"], img["width"]) for img in evaluator.gt["images"]}
     out = []
     for image_id in evaluator.evaluated_image_ids():
@@ -250,15 +254,13 @@ def _confusion_figure(report: Report, path: Path) -> None:
 
 
 def _gallery_picture(
-    dataset: CocoDataset, evaluator: CocoEvaluator, image_id: int, names: list[str],
-    cat_index: dict[int, int], thresh: float,
+    dataset: CocoDataset, image_id: int, gts: list[dict[str, Any]],
+    results: list[dict[str, Any]], names: list[str], cat_index: dict[int, int], thresh: float,
 ) -> Image.Image:
     index = dataset.image_ids.index(image_id)
     image = dataset.read_image(index)
     height, width = image.shape[-2:]
-    gts = [a for a in evaluator.gt["annotations"] if a["image_id"] == image_id]
-    preds = [r for r in evaluator.results_json()
-             if r["image_id"] == image_id and r["score"] >= thresh]
+    preds = [r for r in results if r["score"] >= thresh]
 
     def draw(items: list[dict[str, Any]], scores: bool) -> Image.Image:
         if not items:
@@ -292,9 +294,11 @@ def write_report(
     _confusion_figure(report, out / "confusion.png")
     cat_index = {c: k + 1 for k, c in enumerate(sorted(category_names(
         evaluator.gt["categories"])))}
+    gts, results = by_image(evaluator.gt["annotations"]), by_image(evaluator.results_json())
     pictures = [
         (image_id, errors, classes,
-         _png(_gallery_picture(dataset, evaluator, image_id, report.names, cat_index, thresh)))
+         _png(_gallery_picture(dataset, image_id, gts[image_id], results[image_id],
+                               report.names, cat_index, thresh)))
         for image_id, errors, classes in report.worst
     ]
     curves = {t: out / f"pr_curve_{t}.png" for t in ("bbox", "segm")}

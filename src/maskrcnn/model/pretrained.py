@@ -23,8 +23,10 @@ from maskrcnn.model.weights import (
     CATALOGUE,
     WeightsError,
     fetch,
+    load_file,
     lookup,
     read_state_dict,
+    state_dict_of,
 )
 
 log = logging.getLogger("maskrcnn")
@@ -92,8 +94,8 @@ def source_of(name_or_path: str, backbone: str | None = None, arch: str = "v1") 
             f"model.weights={name_or_path!r} is neither a file nor a known name ({names}; "
             "see `maskrcnn weights list`)"
         )
-    state = read_state_dict(path, str(path))
-    meta = torch.load(path, map_location="cpu", weights_only=True)
+    meta = load_file(path, str(path))  # read once: the weights and what the file says
+    state = state_dict_of(meta, path, str(path))
     names_in_file = meta.get("class_names") if isinstance(meta, dict) else None
     config = meta.get("config") if isinstance(meta, dict) else None
     model = config.get("model", {}) if isinstance(config, dict) else {}

@@ -149,6 +149,11 @@ def fetch(entry: NamedWeights) -> Path:
 def read_state_dict(path: Path, what: str) -> dict[str, Tensor]:
     """A state dict of tensors from ``path`` (read with ``weights_only=True``: never code);
     of a training checkpoint its ``model`` entry, of a file that nests it, ``state_dict``."""
+    return state_dict_of(load_file(path, what), path, what)
+
+
+def load_file(path: Path, what: str) -> Any:
+    """What ``path`` holds, read with ``weights_only=True``; WeightsErrors name the file."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -163,6 +168,11 @@ def read_state_dict(path: Path, what: str) -> dict[str, Tensor]:
             f"{what} ({path}) is not a complete PyTorch weights file ({err}); delete it and "
             "download it again"
         ) from None
+    return state
+
+
+def state_dict_of(state: Any, path: Path, what: str) -> dict[str, Tensor]:
+    """The state dict in what :func:`load_file` read (see :func:`read_state_dict`)."""
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
