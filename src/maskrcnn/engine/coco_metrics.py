@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from pycocotools import mask as mask_utils
 
 from maskrcnn.engine.coco_results import prediction_to_coco
@@ -257,9 +256,11 @@ class CocoEvaluator:
         self._metrics: dict[str, Any] | None = None
 
     def update(
-        self, predictions: Sequence[Mapping[str, torch.Tensor]], image_ids: Sequence[int]
+        self, predictions: Sequence[Mapping[str, Any]], image_ids: Sequence[int]
     ) -> None:
-        """Adds one batch: ``predictions[i]`` (torchvision output dict) is for ``image_ids[i]``.
+        """Adds one batch: ``predictions[i]`` (torchvision output dict; its ``masks`` may be
+        box-local :class:`~maskrcnn.structures.local_masks.LocalMasks`) is for
+        ``image_ids[i]``.
 
         An image already seen is skipped (DistributedSampler pads with repeated images).
         """

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from maskrcnn.structures.local_masks import LocalMasks
+
 MASK_THRESHOLD = 0.5
 
 
@@ -55,7 +57,7 @@ def _category_ids(labels: torch.Tensor, label_to_cat_id: Mapping[int, int] | Non
 
 
 def prediction_to_coco(
-    prediction: Mapping[str, torch.Tensor],
+    prediction: Mapping[str, Any],
     image_id: int,
     label_to_cat_id: Mapping[int, int] | None = None,
     with_masks: bool = True,
@@ -63,7 +65,8 @@ def prediction_to_coco(
     """One image's prediction to COCO results dicts.
 
     prediction: ``boxes`` (N, 4) xyxy, ``labels`` (N,) contiguous labels, ``scores`` (N,), and
-    (if ``with_masks``) ``masks`` (N, 1, H, W) probabilities or (N, H, W) binary masks.
+    (if ``with_masks``) ``masks`` (N, 1, H, W) probabilities, (N, H, W) binary masks or
+    box-local :class:`LocalMasks` (encoded without building full-size masks).
     Each result has ``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score`` and, with
     masks, ``segmentation`` (compressed RLE, counts as str so it serialises to JSON).
     """
@@ -77,7 +80,11 @@ def prediction_to_coco(
     if with_masks:
         if "masks" not in prediction:
             raise ValueError(f"image {image_id}: segm evaluation needs predicted 'masks'")
-        rles = encode_masks(binarize_masks(prediction["masks"].detach().cpu()))
+        masks = prediction["masks"]
+        if isinstance(masks, LocalMasks):
+            rles = masks.rles()
+        else:
+            rles = encode_masks(binarize_masks(masks.detach().cpu()))
         if len(rles) != len(results):
             raise ValueError(f"image {image_id}: {len(rles)} masks for {len(results)} boxes")
         for result, rle in zip(results, rles, strict=True):

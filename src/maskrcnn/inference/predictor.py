@@ -8,7 +8,9 @@ turns its output into :class:`Prediction` objects.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -16,12 +18,19 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from maskrcnn.data.image_input import ImageInput, to_float_image
+from maskrcnn.data.image_input import ImageInput, to_float_image, to_image_tensor
 from maskrcnn.engine.build import model_from_checkpoint
 from maskrcnn.engine.coco_results import prediction_to_coco
+from maskrcnn.inference.sliced import (
+    TileConfig,
+    model_full_pass,
+    model_tile_predictor,
+    sliced_predict,
+)
 from maskrcnn.inference.tta import TTAConfig, tta_predict
 from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.model.validation import check_images
+from maskrcnn.structures.local_masks import LocalMasks
 
 
 @dataclass
@@ -30,15 +39,17 @@ class Prediction:
 
     boxes: (N, 4) float xyxy; labels: (N,) int64 (0 is the background, never predicted);
     class_names: N names; scores: (N,) float; masks: (N, H, W) bool, the mask probability
-    above the predictor's ``mask_threshold``; mask_probs: (N, H, W) float, kept only with
-    ``return_probs=True``.
+    above the predictor's ``mask_threshold``, or with sliced prediction (``tile``) a
+    :class:`LocalMasks`: each mask over its own box, since N × H × W does not fit for large
+    images (``masks.to_dense()`` gives the tensor where it does); mask_probs: (N, H, W)
+    float, kept only with ``return_probs=True`` (not with sliced prediction).
     """
 
     boxes: Tensor
     labels: Tensor
     class_names: list[str]
     scores: Tensor
-    masks: Tensor
+    masks: Tensor | LocalMasks
     mask_probs: Tensor | None = None
 
     def __len__(self) -> int:
@@ -47,7 +58,13 @@ class Prediction:
     @property
     def image_size(self) -> tuple[int, int]:
         """(H, W) of the image the prediction is for."""
+        if isinstance(self.masks, LocalMasks):
+            return self.masks.image_size
         return int(self.masks.shape[-2]), int(self.masks.shape[-1])
+
+    def dense_masks(self) -> Tensor:
+        """(N, H, W) bool masks, built from box-local ones if need be."""
+        return self.masks.to_dense() if isinstance(self.masks, LocalMasks) else self.masks
 
     def to_numpy(self) -> dict[str, Any]:
         """Arrays: boxes (N, 4) float32, labels (N,) int64, scores (N,) float32, masks
@@ -58,7 +75,7 @@ class Prediction:
             "labels": self.labels.cpu().numpy(),
             "class_names": list(self.class_names),
             "scores": self.scores.cpu().numpy(),
-            "masks": self.masks.cpu().numpy(),
+            "masks": self.dense_masks().cpu().numpy(),
             "mask_probs": None if probs is None else probs.cpu().numpy(),
         }
 
@@ -95,10 +112,13 @@ class Predictor:
 
     The model is moved to ``device`` (None: CUDA when available, else CPU) and put in eval
     mode. Detections scoring below ``score_thresh`` are dropped (the model's own
-    ``box_score_thresh`` applies first), at most ``max_detections`` are kept per image, and
+    ``box_score_thresh`` applies first), at most ``max_detections`` are kept per image (the
+    model's own cap is raised to it; a warning says when it cut detections), and
     masks are binarised at ``mask_threshold`` (None: the model config's ``mask_threshold``,
     which an ONNX export of the model stores in its metadata too). ``tta``: a
-    :class:`TTAConfig` to predict with test-time augmentation, or None.
+    :class:`TTAConfig` to predict with test-time augmentation, or None. ``tile``: a
+    :class:`TileConfig` to predict large images tile by tile (sliced prediction, masks
+    merged across tiles and kept box-local), or None.
     ``class_names[label]`` names a label (index 0 is the background); ``label_to_cat_id``
     maps labels to COCO category ids. ``optimize``: None runs the model as it is
     (torchvision's arithmetic); a precision (``auto``, ``fp32``, ``bf16``, ``fp16``)
@@ -117,6 +137,7 @@ class Predictor:
         mask_threshold: float | None = None,
         tta: TTAConfig | None = None,
         optimize: str | None = None,
+        tile: TileConfig | None = None,
     ) -> None:
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
@@ -125,9 +146,12 @@ class Predictor:
         self.class_names = list(class_names) if class_names is not None else None
         self.label_to_cat_id = dict(label_to_cat_id) if label_to_cat_id is not None else None
         self.score_thresh = score_thresh
+        if max_detections < 1:
+            raise ValueError(f"max_detections must be >= 1, got {max_detections}")
         self.max_detections = max_detections
         self.mask_threshold = model.cfg.mask_threshold if mask_threshold is None else mask_threshold
         self.tta = tta
+        self.tile = tile
 
     @classmethod
     def from_checkpoint(
@@ -139,6 +163,7 @@ class Predictor:
         mask_threshold: float | None = None,
         tta: TTAConfig | None = None,
         optimize: str | None = None,
+        tile: TileConfig | None = None,
     ) -> Predictor:
         """A predictor for a checkpoint written by the trainer (read with
         ``weights_only=True``); raises :class:`CheckpointError` if it is not one."""
@@ -153,6 +178,7 @@ class Predictor:
             mask_threshold=mask_threshold,
             tta=tta,
             optimize=optimize,
+            tile=tile,
         )
 
     @classmethod
@@ -178,15 +204,23 @@ class Predictor:
         single = not isinstance(inputs, (list, tuple))
         items = [cast(ImageInput, inputs)] if single else list(cast(Sequence[ImageInput], inputs))
         out: list[Prediction] = []
+        # Sliced prediction keeps uint8 images as they are: it converts tile by tile.
+        convert = to_image_tensor if self.tile is not None else to_float_image
         for start in range(0, len(items), batch_size):
-            images = [to_float_image(x) for x in items[start : start + batch_size]]
+            images = [convert(x) for x in items[start : start + batch_size]]
             out += self.predict_batch(images, return_probs)
         return out[0] if single else out
 
     def predict_batch(self, images: list[Tensor], return_probs: bool = False) -> list[Prediction]:
-        """Predictions for (3, H, W) float images in [0, 1], run as one batch."""
+        """Predictions for (3, H, W) float images in [0, 1], run as one batch (with
+        ``tile``: image by image, uint8 taken too, tiles batched)."""
+        if self.tile is not None:
+            if return_probs:
+                raise ValueError("return_probs is not available with sliced prediction")
+            with self._model_cap():
+                return [self._predict_sliced(im) for im in images]
         images = [im.to(self.device) for im in check_images(images)]
-        with torch.inference_mode():
+        with torch.inference_mode(), self._model_cap():
             if self.tta is None:
                 outputs = self.model.predict(images)
             else:
@@ -195,10 +229,54 @@ class Predictor:
         # may modify in place.
         return [self._to_prediction(o, return_probs) for o in outputs]
 
+    @contextmanager
+    def _model_cap(self) -> Iterator[None]:
+        """The model's own cap on detections per image raised to ``max_detections`` while
+        the predictor runs it (restored after: the model may be shared)."""
+        heads = self.model.roi_heads
+        before = heads.detections_per_img
+        heads.detections_per_img = max(before, self.max_detections)
+        try:
+            yield
+        finally:
+            heads.detections_per_img = before
+
+    def _predict_sliced(self, image: Tensor) -> Prediction:
+        assert self.tile is not None
+        if image.dtype != torch.uint8:
+            image = check_images([image])[0]
+        image = image.to(self.device)
+        tiles = model_tile_predictor(self.model, self.mask_threshold, self.tta)
+        full = model_full_pass(self.model, self.mask_threshold, self.tta)
+        with torch.inference_mode():
+            dets, masks = sliced_predict(image, tiles, self.tile,
+                                         full if self.tile.full_pass else None)
+        keep = self._kept(dets.scores)
+        labels = dets.labels[keep].cpu()
+        return Prediction(
+            boxes=dets.boxes[keep].float().cpu().clone(),
+            labels=labels.clone(),
+            class_names=[self.name(int(v)) for v in labels],
+            scores=dets.scores[keep].float().cpu().clone(),
+            masks=masks.select(keep),
+        )
+
+    def _kept(self, scores: Tensor) -> Tensor:
+        """Indices of the detections to keep, best first; warns when the cap was reached
+        (the model stops at the same cap, so reaching it means there may be more)."""
+        keep = torch.where(scores >= self.score_thresh)[0]
+        keep = keep[scores[keep].argsort(descending=True, stable=True)]
+        if keep.numel() >= self.max_detections:
+            warnings.warn(
+                f"an image reached the cap of {self.max_detections} detections scoring at "
+                f"least {self.score_thresh:g}; there may be more (raise max_detections, "
+                "--max-detections)",
+                stacklevel=3,
+            )
+        return keep[: self.max_detections]
+
     def _to_prediction(self, output: dict[str, Tensor], return_probs: bool) -> Prediction:
-        keep = torch.where(output["scores"] >= self.score_thresh)[0]
-        keep = keep[output["scores"][keep].argsort(descending=True, stable=True)]
-        keep = keep[: self.max_detections]
+        keep = self._kept(output["scores"])
         probs = output["masks"][keep, 0].float().cpu()
         labels = output["labels"][keep].cpu()
         return Prediction(

@@ -242,11 +242,12 @@ def average_mask_probs(
     return list((total / len(results)).split([lab.shape[0] for lab in labels]))
 
 
-def tta_predict(model: MaskRCNN, images: list[Tensor], cfg: TTAConfig) -> list[dict[str, Tensor]]:
-    """``model.predict`` with test-time augmentation (``model`` in eval mode, called without
-    gradients): images (3, H, W) float in [0, 1] → per image ``boxes`` (N, 4), ``labels``
-    (N,), ``scores`` (N,), ``masks`` (N, 1, H, W) float probabilities, in input-image pixels
-    (torchvision's format), best score first."""
+def tta_box_probs(
+    model: MaskRCNN, images: list[Tensor], cfg: TTAConfig
+) -> list[tuple[Detections, Tensor]]:
+    """Per image the merged detections in input-image pixels, best first, and their (N, 1,
+    28, 28) box-relative mask probabilities averaged over the views: :func:`tta_predict`
+    before pasting (sliced prediction pastes each mask over its own box instead)."""
     results = [run_view(model, images, v) for v in cfg.views()]
     merged = merge_views(results, cfg, model.roi_heads.detections_per_img)
     boxes = [m.boxes for m in merged]
@@ -258,8 +259,16 @@ def tta_predict(model: MaskRCNN, images: list[Tensor], cfg: TTAConfig) -> list[d
     else:
         view_boxes = [r.to_view(boxes) for r in results]
     probs = average_mask_probs(model, results, view_boxes, labels)
+    return list(zip(merged, probs, strict=True))
+
+
+def tta_predict(model: MaskRCNN, images: list[Tensor], cfg: TTAConfig) -> list[dict[str, Tensor]]:
+    """``model.predict`` with test-time augmentation (``model`` in eval mode, called without
+    gradients): images (3, H, W) float in [0, 1] → per image ``boxes`` (N, 4), ``labels``
+    (N,), ``scores`` (N,), ``masks`` (N, 1, H, W) float probabilities, in input-image pixels
+    (torchvision's format), best score first."""
     return [
         {"boxes": m.boxes, "labels": m.labels, "scores": m.scores,
-         "masks": paste_masks(p, m.boxes, size)}
-        for m, p, size in zip(merged, probs, results[0].batch.original_sizes, strict=True)
+         "masks": paste_masks(p, m.boxes, (im.shape[-2], im.shape[-1]))}
+        for (m, p), im in zip(tta_box_probs(model, images, cfg), images, strict=True)
     ]

@@ -49,3 +49,19 @@ def retain_freed_memory() -> bool:
 def setting() -> str:
     """``retained`` once :func:`retain_freed_memory` has applied, else ``system``."""
     return "retained" if _applied else "system"
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``, which also
+    releases free pages inside the heap). Long loops of differently sized blocks of a few
+    MiB, such as sliced prediction over hundreds of tiles, otherwise fragment the heap and
+    the process grows tile after tile. Returns whether anything could be called."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True

@@ -11,7 +11,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from maskrcnn.data.image_input import ImageInput, to_float_image
+from maskrcnn.data.image_input import ImageInput, to_image_tensor
+from maskrcnn.structures.local_masks import LocalMasks
 from maskrcnn.utils.atomic import atomic_write
 
 ALPHA = 0.45
@@ -53,8 +54,10 @@ def to_uint8_hwc(image: ImageInput) -> np.ndarray:
     """Any image :func:`~maskrcnn.data.image_input.to_float_image` takes (path, PIL image, grey,
     RGB or RGBA numpy array, (3, H, W) or (1, H, W) tensor; uint8 or float in [0, 1])
     → (H, W, 3) uint8, the same picture the predictor sees."""
-    floats = to_float_image(image.detach() if isinstance(image, Tensor) else image)
-    return (floats.cpu() * 255).round().to(torch.uint8).permute(1, 2, 0).numpy().copy()
+    tensor = to_image_tensor(image.detach() if isinstance(image, Tensor) else image).cpu()
+    if tensor.dtype != torch.uint8:
+        tensor = (tensor * 255).round().to(torch.uint8)
+    return tensor.permute(1, 2, 0).numpy().copy()
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -72,19 +75,20 @@ def draw_instances(
     boxes: Tensor | None = None,
     labels: Tensor | None = None,
     scores: Tensor | None = None,
-    masks: Tensor | None = None,
+    masks: Tensor | LocalMasks | None = None,
     class_names: Sequence[str] | None = None,
     mask_threshold: float = 0.5,
     min_side: int = 0,
 ) -> Image.Image:
     """Overlay of instances on ``image`` (any form :func:`to_uint8_hwc` takes). boxes:
     (N, 4) xyxy pixels; labels: (N,); scores: (N,) or None (ground truth); masks:
-    (N, 1, H, W) or (N, H, W), probabilities or binary. Each instance's mask is tinted in its
-    colour and outlined; its box is drawn and labelled with the class name and score on a
-    dark plate, readable on any background. An image whose short side is under
-    ``min_side`` is enlarged by a whole factor first, so that captions of small images stay
-    readable."""
-    canvas = to_uint8_hwc(image).astype(np.float32)
+    (N, 1, H, W) or (N, H, W), probabilities or binary, or box-local :class:`LocalMasks`.
+    Each instance's mask is tinted in its colour and outlined, one box-sized window at a
+    time (memory: the picture and the largest box); its box is drawn and labelled with the
+    class name and score on a dark plate, readable on any background. An image whose short
+    side is under ``min_side`` is enlarged by a whole factor first, so that captions of
+    small images stay readable."""
+    canvas = to_uint8_hwc(image)
     n = 0 if boxes is None else int(boxes.shape[0])
     colors = instance_colors(n)
     factor = max(1, -(-min_side // min(canvas.shape[:2])))
@@ -92,14 +96,12 @@ def draw_instances(
         canvas = canvas.repeat(factor, axis=0).repeat(factor, axis=1)
         boxes = boxes * factor if boxes is not None else None
     if masks is not None and n:
-        binary = (masks.detach().cpu().reshape(n, *masks.shape[-2:]) > mask_threshold).numpy()
-        if factor > 1:
-            binary = binary.repeat(factor, axis=1).repeat(factor, axis=2)
-        for k in range(n):
-            color = np.array(colors[k], dtype=np.float32)
-            canvas[binary[k]] = (1 - ALPHA) * canvas[binary[k]] + ALPHA * color
-            canvas[_outline(binary[k])] = color
-    out = Image.fromarray(canvas.round().astype(np.uint8))
+        if not isinstance(masks, LocalMasks):
+            dense = masks.detach().cpu().reshape(n, *masks.shape[-2:]) > mask_threshold
+            masks = LocalMasks.from_dense(dense)
+        for k, (crop, (x, y)) in enumerate(masks):
+            _tint(canvas, crop.numpy(), x, y, factor, colors[k])
+    out = Image.fromarray(canvas)
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default(size=max(10, min(out.size) // 40))
     for k in range(n):
@@ -116,6 +118,31 @@ def draw_instances(
             draw.rectangle((tx + left - 2, ty, tx + right + 2, ty + shift), fill=(0, 0, 0))
             draw.text((tx, ty + 1), text, fill=text_color(colors[k]), font=font)
     return out
+
+
+def _tint(
+    canvas: np.ndarray, crop: np.ndarray, x: int, y: int, factor: int,
+    color: tuple[int, int, int],
+) -> None:
+    """Blends ``color`` into ``canvas`` (H, W, 3) uint8 under ``crop`` (a mask whose pixel
+    [0, 0] is canvas pixel (x, y) before enlarging by ``factor``) and draws its outline, in
+    a window one pixel larger than the crop on each side (clipped to the canvas, whose edge
+    is not an outline)."""
+    if crop.size == 0 or not crop.any():
+        return
+    if factor > 1:
+        crop = crop.repeat(factor, axis=0).repeat(factor, axis=1)
+        x, y = x * factor, y * factor
+    h, w = canvas.shape[:2]
+    ch, cw = crop.shape
+    ry0, rx0 = max(y - 1, 0), max(x - 1, 0)
+    ry1, rx1 = min(y + ch + 1, h), min(x + cw + 1, w)
+    region = np.zeros((ry1 - ry0, rx1 - rx0), dtype=bool)
+    region[y - ry0 : y - ry0 + ch, x - rx0 : x - rx0 + cw] = crop
+    view = canvas[ry0:ry1, rx0:rx1]
+    tint = np.array(color, dtype=np.float32)
+    view[region] = ((1 - ALPHA) * view[region] + ALPHA * tint).round().astype(np.uint8)
+    view[_outline(region)] = color
 
 
 def _caption(

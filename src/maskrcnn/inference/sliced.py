@@ -1,0 +1,409 @@
+"""Sliced prediction: a large image cut into overlapping tiles, each run at the model's
+size, detections merged back into one instance per object.
+
+Flow, per image::
+
+    windows = tile grid (size, overlap; the last tile of a row or column aligned to the edge)
+    for tiles, batch_size at a time: crop (uint8 → float per tile) -> model -> boxes and 28x28
+        mask probabilities -> each mask pasted over its own box (box-local, never H x W)
+    optional whole-image pass at the model's size (the large objects; SAHI's "standard")
+    a detection is *cut* when its box touches a tile edge that is not an image edge
+    pairs: same class, different tiles (or tile and whole pass), boxes meeting inside the two
+        windows' common area; matched when their masks' IoU *inside that area* >= match_iou
+    groups: matched pairs joined, strongest first, never two detections of one tile in a group
+    per group: a member seen whole (not cut) gives the mask and box, the best-scored one,
+        tiles before the whole pass; if every member is cut, the masks are united
+    score: the group's best; then best first, at most max_detections
+
+The IoU inside the common area is the test of "the same object": two tiles saw the same
+pixels there, so a cut object's pieces agree on them, a duplicate in the overlap agrees
+everywhere, and two neighbouring objects do not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from maskrcnn.inference.tta import TTAConfig, tta_box_probs
+from maskrcnn.model.mask_rcnn import MaskRCNN
+from maskrcnn.model.postprocess import expand_boxes, paste_masks
+from maskrcnn.model.preprocess import resize_scale, resized_size, scale_boxes
+from maskrcnn.structures.detections import Detections
+from maskrcnn.structures.local_masks import LocalMasks
+from maskrcnn.utils.malloc import release_freed_memory
+
+TRIM_EVERY = 4  # batches of tiles between two trims of the heap (see release_freed_memory)
+Window = tuple[int, int, int, int]  # x0, y0, x1, y1 (ends exclusive)
+# images (3, h, w) float in [0, 1] -> per image detections in its pixels and their masks
+TilePredictor = Callable[[list[Tensor]], list[tuple[Detections, LocalMasks]]]
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Sliced prediction: square tiles of ``size`` pixels overlapping by ``overlap`` (a
+    fraction of ``size``), run ``batch_size`` at a time; ``full_pass``: also predict the
+    whole image at the model's size (finds objects larger than a tile); ``match_iou``: the
+    mask IoU, inside two tiles' common area, above which their detections are one object;
+    ``edge_margin``: pixels from a tile's inner edge within which a box counts as cut."""
+
+    size: int = 1024
+    overlap: float = 0.25
+    batch_size: int = 4
+    full_pass: bool = True
+    match_iou: float = 0.5
+    edge_margin: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.size < 16:
+            raise ValueError(f"tile size must be at least 16 pixels, got {self.size}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"tile overlap must be in [0, 1), got {self.overlap}")
+        if self.batch_size < 1:
+            raise ValueError(f"tile batch size must be >= 1, got {self.batch_size}")
+        if not 0.0 < self.match_iou <= 1.0:
+            raise ValueError(f"match_iou must be in (0, 1], got {self.match_iou}")
+
+
+def axis_starts(length: int, size: int, overlap: float) -> list[int]:
+    """Tile starts along one axis of ``length`` pixels: every ``size * (1 - overlap)``
+    pixels, and a last tile ending at the edge; one tile when the axis fits in one."""
+    if length <= size:
+        return [0]
+    stride = max(1, int(size * (1.0 - overlap)))
+    return [*range(0, length - size, stride), length - size]
+
+
+def tile_windows(height: int, width: int, size: int, overlap: float) -> list[Window]:
+    """The tiles of an image, row by row: (x0, y0, x1, y1), ends exclusive, each inside
+    the image (smaller than ``size`` only where the image is)."""
+    return [
+        (x, y, min(x + size, width), min(y + size, height))
+        for y in axis_starts(height, size, overlap)
+        for x in axis_starts(width, size, overlap)
+    ]
+
+
+def paste_local(
+    probs: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float
+) -> LocalMasks:
+    """(N, 1, M, M) box-relative probabilities → binary masks over their own boxes, with the
+    values :func:`paste_masks` gives at those pixels (the same grown, integer box)."""
+    n = boxes.shape[0]
+    if n == 0:
+        return LocalMasks.empty(image_size)
+    h, w = image_size
+    side = probs.shape[-1]
+    grown = expand_boxes(boxes.float(), (side + 2) / side).to(torch.int64)
+    lo = torch.stack([grown[:, 0].clamp(0, w - 1), grown[:, 1].clamp(0, h - 1)], 1)
+    hi = torch.stack([grown[:, 2].clamp(0, w - 1), grown[:, 3].clamp(0, h - 1)], 1)
+    crops = []
+    for k in range(n):
+        x0, y0 = (int(v) for v in lo[k])
+        x1, y1 = (int(v) for v in hi[k])
+        shift = boxes.new_tensor([x0, y0, x0, y0])
+        pasted = paste_masks(probs[k : k + 1], boxes[k : k + 1] - shift, (y1 - y0 + 1, x1 - x0 + 1))
+        crops.append((pasted[0, 0] > threshold).cpu())
+    return LocalMasks(crops, lo.cpu(), image_size)
+
+
+def box_probs(
+    model: MaskRCNN, images: list[Tensor], tta: TTAConfig | None = None
+) -> list[tuple[Detections, Tensor]]:
+    """``model.predict`` before the paste: per image its detections in the image's pixels
+    and their (N, 1, 28, 28) mask probabilities (with ``tta``: merged over its views)."""
+    if tta is not None:
+        return tta_box_probs(model, images, tta)
+    batch, _ = model.preprocess(images, None, training=False)
+    features, dets = model.detect_boxes(batch)
+    labels = torch.cat([d.labels for d in dets])
+    probs = model.mask_probs(features, [d.boxes for d in dets], batch.image_sizes, labels)
+    out = []
+    for d, p, size, original in zip(
+        dets, probs.split([len(d.boxes) for d in dets]), batch.image_sizes,
+        batch.original_sizes, strict=True,
+    ):
+        out.append((Detections(scale_boxes(d.boxes, size, original), d.scores, d.labels), p))
+    return out
+
+
+def model_tile_predictor(
+    model: MaskRCNN, mask_threshold: float, tta: TTAConfig | None = None
+) -> TilePredictor:
+    """The model (eval mode, called under ``inference_mode``) as a :data:`TilePredictor`."""
+
+    def predict(images: list[Tensor]) -> list[tuple[Detections, LocalMasks]]:
+        return [
+            (d, paste_local(p, d.boxes, (im.shape[-2], im.shape[-1]), mask_threshold))
+            for (d, p), im in zip(box_probs(model, images, tta), images, strict=True)
+        ]
+
+    return predict
+
+
+@dataclass
+class Candidates:
+    """Every detection of every pass, in image pixels: ``source[i]`` the index of the
+    window it came from (the whole-image pass has the whole image as its window), ``cut[i]``
+    whether its box touches an inner edge of that window."""
+
+    dets: Detections
+    masks: LocalMasks
+    source: Tensor
+    cut: Tensor
+    windows: list[Window]
+    full_source: int | None  # the whole-image pass's window index, if it ran
+
+
+def cut_by_window(boxes: Tensor, window: Window, image_size: tuple[int, int],
+                  margin: float) -> Tensor:
+    """(N,) bool: the box touches an edge of ``window`` that is not an edge of the image."""
+    x0, y0, x1, y1 = window
+    h, w = image_size
+    return (
+        ((x0 > 0) & (boxes[:, 0] <= x0 + margin))
+        | ((y0 > 0) & (boxes[:, 1] <= y0 + margin))
+        | ((x1 < w) & (boxes[:, 2] >= x1 - margin))
+        | ((y1 < h) & (boxes[:, 3] >= y1 - margin))
+    )
+
+
+def to_uint8_or_float(image: Tensor) -> Tensor:
+    """A tile as the model takes it: float in [0, 1]. Divided in place: one block per tile,
+    not two (with two, glibc's heap fragments and the process grows tile after tile)."""
+    return image.to(torch.float32).div_(255.0) if image.dtype == torch.uint8 else image.float()
+
+
+def shrink_for_full_pass(image: Tensor, model: MaskRCNN) -> tuple[Tensor, tuple[int, int]]:
+    """The whole image at the model's input size, as float in [0, 1], resized from the
+    original (uint8 stays uint8 until then: a 20,000-pixel image is 1.2 GB as uint8 and 4.8
+    GB as float)."""
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    cfg = model.cfg
+    scale = resize_scale(h, w, cfg.min_sizes[-1], cfg.max_size)
+    size = resized_size(h, w, scale)
+    if scale >= 1.0:
+        return to_uint8_or_float(image), (h, w)
+    small = torch.nn.functional.interpolate(
+        image[None].float() if image.dtype != torch.uint8 else image[None],
+        size=size, mode="bilinear", antialias=True, align_corners=False,
+    )[0]
+    return to_uint8_or_float(small), size
+
+
+def collect(
+    image: Tensor, predict_tiles: TilePredictor, cfg: TileConfig,
+    full_pass: Callable[[Tensor], tuple[Detections, LocalMasks]] | None,
+) -> Candidates:
+    """Runs every tile (and the whole-image pass) and gathers their detections in image
+    pixels."""
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    windows = tile_windows(h, w, cfg.size, cfg.overlap)
+    parts: list[tuple[Detections, LocalMasks, int]] = []
+    for start in range(0, len(windows), cfg.batch_size):
+        group = windows[start : start + cfg.batch_size]
+        tiles = [to_uint8_or_float(image[:, y0:y1, x0:x1]) for x0, y0, x1, y1 in group]
+        for k, ((d, m), (x0, y0, _, _)) in enumerate(zip(predict_tiles(tiles), group,
+                                                          strict=True)):
+            offset = d.boxes.new_tensor([x0, y0, x0, y0])
+            moved = LocalMasks(m.crops, m.origins + torch.tensor([x0, y0]), (h, w))
+            parts.append((Detections(d.boxes + offset, d.scores, d.labels), moved, start + k))
+        if start // cfg.batch_size % TRIM_EVERY == TRIM_EVERY - 1:
+            release_freed_memory()
+    full_source = None
+    # One tile covering the image is already the whole-image pass.
+    if full_pass is not None and len(windows) > 1:
+        d, m = full_pass(image)
+        full_source = len(windows)
+        windows = [*windows, (0, 0, w, h)]
+        parts.append((d, m, full_source))
+    if not parts:
+        empty = torch.zeros(0)
+        return Candidates(Detections(torch.zeros(0, 4), empty, empty.long()),
+                          LocalMasks.empty((h, w)), empty.long(), empty.bool(), windows,
+                          full_source)
+    dets = Detections(
+        torch.cat([p[0].boxes.float().cpu() for p in parts]),
+        torch.cat([p[0].scores.float().cpu() for p in parts]),
+        torch.cat([p[0].labels.cpu() for p in parts]),
+    )
+    source = torch.cat([torch.full((len(p[1]),), p[2], dtype=torch.int64) for p in parts])
+    cut = torch.cat([cut_by_window(p[0].boxes.float().cpu(), windows[p[2]], (h, w),
+                                   cfg.edge_margin) for p in parts])
+    masks = LocalMasks.cat([p[1] for p in parts], (h, w))
+    return Candidates(dets, masks, source, cut, windows, full_source)
+
+
+def _clip(crop: Tensor, origin: tuple[int, int], region: Window) -> tuple[Tensor, int, int]:
+    """The part of ``crop`` (at ``origin`` x, y) inside ``region``, and its origin."""
+    x, y = origin
+    x0, y0 = max(x, region[0]), max(y, region[1])
+    x1 = min(x + crop.shape[1], region[2])
+    y1 = min(y + crop.shape[0], region[3])
+    if x1 <= x0 or y1 <= y0:
+        return crop[:0, :0], x0, y0
+    return crop[y0 - y : y1 - y, x0 - x : x1 - x], x0, y0
+
+
+def iou_inside(a: tuple[Tensor, tuple[int, int]], b: tuple[Tensor, tuple[int, int]],
+               region: Window) -> float:
+    """IoU of two box-local masks counting only the pixels inside ``region``."""
+    ca, ax, ay = _clip(*a, region)
+    cb, bx, by = _clip(*b, region)
+    area_a, area_b = int(ca.sum()), int(cb.sum())
+    if area_a == 0 or area_b == 0:
+        return 0.0
+    x0, y0 = max(ax, bx), max(ay, by)
+    x1, y1 = min(ax + ca.shape[1], bx + cb.shape[1]), min(ay + ca.shape[0], by + cb.shape[0])
+    inter = 0
+    if x1 > x0 and y1 > y0:
+        inter = int((ca[y0 - ay : y1 - ay, x0 - ax : x1 - ax]
+                     & cb[y0 - by : y1 - by, x0 - bx : x1 - bx]).sum())
+    return inter / (area_a + area_b - inter)
+
+
+def _common(a: Window, b: Window) -> Window | None:
+    x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
+def _meets(boxes: Tensor, region: Window) -> Tensor:
+    """(N,) bool: the box overlaps ``region``."""
+    return ((boxes[:, 0] < region[2]) & (boxes[:, 2] > region[0])
+            & (boxes[:, 1] < region[3]) & (boxes[:, 3] > region[1]))
+
+
+def matched_pairs(c: Candidates, match_iou: float) -> list[tuple[float, int, int]]:
+    """(IoU inside the common area, i, j) of detections of different windows that are the
+    same object; only detections whose boxes meet the two windows' common area are tried."""
+    by_source: dict[int, Tensor] = {}
+    for s in c.source.unique().tolist():
+        by_source[int(s)] = torch.where(c.source == s)[0]
+    sources = sorted(by_source)
+    crops = list(c.masks)
+    pairs = []
+    for a_pos, sa in enumerate(sources):
+        for sb in sources[a_pos + 1 :]:
+            region = _common(c.windows[sa], c.windows[sb])
+            if region is None:
+                continue
+            ia = by_source[sa][_meets(c.dets.boxes[by_source[sa]], region)]
+            ib = by_source[sb][_meets(c.dets.boxes[by_source[sb]], region)]
+            if ia.numel() == 0 or ib.numel() == 0:
+                continue
+            same = c.dets.labels[ia][:, None] == c.dets.labels[ib][None, :]
+            ba, bb = c.dets.boxes[ia][:, None], c.dets.boxes[ib][None, :]
+            touch = ((torch.minimum(ba[..., 2], bb[..., 2]) > torch.maximum(ba[..., 0], bb[..., 0]))
+                     & (torch.minimum(ba[..., 3], bb[..., 3]) > torch.maximum(ba[..., 1],
+                                                                              bb[..., 1])))
+            for p, q in torch.nonzero(same & touch).tolist():
+                i, j = int(ia[p]), int(ib[q])
+                iou = iou_inside(crops[i], crops[j], region)
+                if iou >= match_iou:
+                    pairs.append((iou, i, j))
+    return pairs
+
+
+def group_candidates(c: Candidates, match_iou: float) -> list[list[int]]:
+    """Groups of detections that are one object: matched pairs joined strongest first,
+    unless the two groups hold detections of the same window (the model already decided
+    that those are different objects)."""
+    n = len(c.dets.scores)
+    parent = list(range(n))
+    members: dict[int, list[int]] = {i: [i] for i in range(n)}
+    sources: dict[int, set[int]] = {i: {int(c.source[i])} for i in range(n)}
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for _, i, j in sorted(matched_pairs(c, match_iou), reverse=True):
+        ri, rj = root(i), root(j)
+        if ri == rj or sources[ri] & sources[rj]:
+            continue
+        if len(members[ri]) < len(members[rj]):
+            ri, rj = rj, ri
+        parent[rj] = ri
+        members[ri] += members.pop(rj)
+        sources[ri] |= sources.pop(rj)
+    return list(members.values())
+
+
+def unite(masks: LocalMasks, index: Sequence[int]) -> tuple[Tensor, tuple[int, int]]:
+    """The union of masks ``index`` as one crop and its origin."""
+    parts = [(masks.crops[i], (int(masks.origins[i, 0]), int(masks.origins[i, 1])))
+             for i in index]
+    x0 = min(o[0] for _, o in parts)
+    y0 = min(o[1] for _, o in parts)
+    x1 = max(o[0] + c.shape[1] for c, o in parts)
+    y1 = max(o[1] + c.shape[0] for c, o in parts)
+    out = torch.zeros((y1 - y0, x1 - x0), dtype=torch.bool)
+    for crop, (x, y) in parts:
+        out[y - y0 : y - y0 + crop.shape[0], x - x0 : x - x0 + crop.shape[1]] |= crop
+    return out, (x0, y0)
+
+
+def merge(c: Candidates, match_iou: float) -> tuple[Detections, LocalMasks]:
+    """One detection per group (see the module's flow), best score first."""
+    boxes, scores, labels, crops, origins = [], [], [], [], []
+    for group in group_candidates(c, match_iou):
+        idx = torch.tensor(group)
+        best = int(idx[c.dets.scores[idx].argmax()])
+        whole = [i for i in group if not bool(c.cut[i])]
+        if whole:
+            # Tiles see at a finer scale than the whole-image pass: theirs first.
+            tiles = [i for i in whole if int(c.source[i]) != c.full_source] or whole
+            pick = max(tiles, key=lambda i: float(c.dets.scores[i]))
+            boxes.append(c.dets.boxes[pick])
+            crops.append(c.masks.crops[pick])
+            origins.append(c.masks.origins[pick])
+        else:
+            crop, origin = unite(c.masks, group)
+            b = c.dets.boxes[idx]
+            boxes.append(torch.cat([b[:, :2].min(0).values, b[:, 2:].max(0).values]))
+            crops.append(crop)
+            origins.append(torch.tensor(origin))
+        scores.append(c.dets.scores[idx].max())
+        labels.append(c.dets.labels[best])
+    if not boxes:
+        return c.dets, c.masks
+    order = torch.stack(scores).argsort(descending=True, stable=True)
+    dets = Detections(torch.stack(boxes)[order], torch.stack(scores)[order],
+                      torch.stack(labels)[order])
+    masks = LocalMasks([crops[i] for i in order.tolist()], torch.stack(origins)[order],
+                       c.masks.image_size)
+    return dets, masks
+
+
+def sliced_predict(
+    image: Tensor,
+    predict_tiles: TilePredictor,
+    cfg: TileConfig,
+    full_pass: Callable[[Tensor], tuple[Detections, LocalMasks]] | None = None,
+) -> tuple[Detections, LocalMasks]:
+    """One image (3, H, W), uint8 or float in [0, 1], predicted tile by tile: its detections
+    in image pixels, best first, one per object, with box-local masks. ``full_pass``: the
+    whole-image prediction (``None``: tiles only)."""
+    return merge(collect(image, predict_tiles, cfg, full_pass), cfg.match_iou)
+
+
+def model_full_pass(
+    model: MaskRCNN, mask_threshold: float, tta: TTAConfig | None = None
+) -> Callable[[Tensor], tuple[Detections, LocalMasks]]:
+    """The whole-image pass of a model: the image shrunk to the model's size first, then
+    boxes scaled back and masks pasted over their boxes at full resolution."""
+
+    def predict(image: Tensor) -> tuple[Detections, LocalMasks]:
+        h, w = int(image.shape[-2]), int(image.shape[-1])
+        small, size = shrink_for_full_pass(image, model)
+        d, p = box_probs(model, [small], tta)[0]
+        boxes = scale_boxes(d.boxes, size, (h, w))
+        return Detections(boxes, d.scores, d.labels), paste_local(p, boxes, (h, w),
+                                                                   mask_threshold)
+
+    return predict
