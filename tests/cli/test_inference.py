@@ -497,3 +497,38 @@ def test_predict_writes_polygons_and_labelme_files_that_convert_back(
         drawn = mask_utils.decode(mask_utils.merge(
             mask_utils.frPyObjects(b["segmentation"], h, w))) > 0
         assert (target & drawn).sum() / max((target | drawn).sum(), 1) >= 0.98
+
+
+def test_tiled_predict_and_eval_match_the_plain_run_when_one_tile_holds_the_image(
+    trained_tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--tile`` larger than the image: one tile, the plain prediction, so predictions.json
+    (RLE and polygons) and the AP are the plain run's; a smaller tile runs and writes masks
+    of the image's size."""
+    image = sorted((trained_tiny / "data" / "val").glob("*.png"))[0]
+    common = ["predict", str(trained_tiny / "last.pth"), str(image), "--score-thresh", "0.1"]
+    for fmt in ("coco-rle", "coco-polygon"):
+        assert main([*common, "--out", str(tmp_path / f"plain_{fmt}"), "--format", fmt]) == 0
+        assert main([*common, "--out", str(tmp_path / f"tiled_{fmt}"), "--format", fmt,
+                     "--tile", "256"]) == 0
+        plain = json.loads((tmp_path / f"plain_{fmt}" / "predictions.json").read_text())
+        tiled = json.loads((tmp_path / f"tiled_{fmt}" / "predictions.json").read_text())
+        assert plain["annotations"] and tiled["annotations"] == plain["annotations"]
+    assert main([*common, "--out", str(tmp_path / "small"), "--tile", "32",
+                 "--tile-overlap", "0.5", "--overlays", "--max-detections", "5"]) == 0
+    small = json.loads((tmp_path / "small" / "predictions.json").read_text())
+    assert 0 < len(small["annotations"]) <= 5
+    h, w = Image.open(image).size[::-1]
+    assert all(a["segmentation"]["size"] == [h, w] for a in small["annotations"])
+    assert len(list((tmp_path / "small" / "overlays").iterdir())) == 1
+    val = trained_tiny / "data" / "val.json"
+    argv = ["eval", str(trained_tiny / "last.pth"), "--data", str(val)]
+    assert main([*argv, "--out", str(tmp_path / "e1")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "e2"), "--tile", "256"]) == 0
+    one = json.loads((tmp_path / "e1" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "e2" / "metrics.json").read_text())
+    assert one["segm"]["AP"] == two["segm"]["AP"] and one["bbox"]["AP"] == two["bbox"]["AP"]
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "bad"), "--tile", "32",
+                 "--tile-overlap", "1"]) == 2
+    assert "overlap" in capsys.readouterr().err

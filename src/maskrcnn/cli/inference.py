@@ -15,6 +15,7 @@ from maskrcnn.cli.errors import USAGE, CommandError
 if TYPE_CHECKING:
     from maskrcnn.export.onnx_predictor import OnnxPredictor
     from maskrcnn.inference.predictor import Predictor
+    from maskrcnn.inference.sliced import TileConfig
     from maskrcnn.inference.tta import TTAConfig
 
 
@@ -25,6 +26,19 @@ def tta_from_args(args: argparse.Namespace) -> TTAConfig | None:
         return None
     return TTAConfig(hflip=True, vflip=args.tta_vflip, scales=args.tta_scales,
                      merge=args.tta_merge)
+
+
+def tile_from_args(args: argparse.Namespace) -> TileConfig | None:
+    """Sliced prediction settings, or None without ``--tile``."""
+    from maskrcnn.inference.sliced import TileConfig
+
+    if args.tile is None:
+        return None
+    try:
+        return TileConfig(size=args.tile, overlap=args.tile_overlap,
+                          batch_size=args.tile_batch, full_pass=not args.no_full_pass)
+    except ValueError as err:
+        raise CommandError(str(err), USAGE) from None
 
 
 def fast_from_args(args: argparse.Namespace) -> str | None:
@@ -46,6 +60,8 @@ def load_predictor(
             score_thresh=score_thresh,
             tta=tta_from_args(args),
             optimize=optimize,
+            tile=tile_from_args(args),
+            max_detections=args.max_detections,
         )
     except (CheckpointError, ValueError) as err:
         raise CommandError(str(err)) from None
@@ -56,7 +72,7 @@ def load_onnx_predictor(args: argparse.Namespace) -> OnnxPredictor:
     says why it cannot be used."""
     from maskrcnn.export.onnx_predictor import OnnxPredictor
 
-    for flag in ("tta", "fast"):
+    for flag in ("tta", "fast", "tile"):
         if getattr(args, flag):
             raise CommandError(f"--{flag} is not available with --backend onnxruntime")
     try:
@@ -197,6 +213,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="with --tta: scales of the model's input size (default 1.0)")
     p.add_argument("--tta-merge", choices=("nms", "wbf"), default="nms",
                    help="with --tta: merge boxes by per-class NMS or weighted box fusion")
+    p.add_argument("--tile", type=positive_int, default=None, metavar="SIZE",
+                   help="sliced prediction for large images: square tiles of SIZE pixels, "
+                   "each run at the model's input size, objects cut by tile borders merged "
+                   "into one instance, masks kept over their boxes (bounded memory)")
+    p.add_argument("--tile-overlap", type=probability, default=0.25, metavar="F",
+                   help="with --tile: overlap of neighbouring tiles, a fraction of SIZE "
+                   "(default 0.25; at least the size of the objects that matter)")
+    p.add_argument("--tile-batch", type=positive_int, default=4, metavar="N",
+                   help="with --tile: tiles per batch (default 4)")
+    p.add_argument("--no-full-pass", action="store_true",
+                   help="with --tile: skip the whole-image pass at the model's size, which "
+                   "finds objects larger than a tile")
+    p.add_argument("--max-detections", type=positive_int, default=100, metavar="N",
+                   help="at most N detections per image (default 100); a warning says when "
+                   "an image reaches it")
     p.add_argument("--fast", action="store_true",
                    help="fast inference path: frozen BatchNorm folded into the convolutions, "
                    "channels-last, reduced-precision autocast (see --fast-precision)")

@@ -14,9 +14,10 @@ import contourpy
 import numpy as np
 
 
-def mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
+def mask_to_polygons(mask: np.ndarray, origin: tuple[int, int] = (0, 0)) -> list[list[float]]:
     """(H, W) bool or 0/1 mask → outer outlines as flat ``[x1, y1, x2, y2, ...]`` lists in
-    COCO's continuous pixel coordinates (pixel (x, y) covers [x, x + 1] x [y, y + 1])."""
+    COCO's continuous pixel coordinates (pixel (x, y) covers [x, x + 1] x [y, y + 1]).
+    ``origin``: the image pixel (x, y) of ``mask[0, 0]``, for a box-local mask."""
     binary = np.asarray(mask).astype(bool)
     if not binary.any():
         return []
@@ -29,7 +30,7 @@ def mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
         points = np.asarray(line)[:-1]  # closed: the last vertex repeats the first
         if len(points) < 3 or _signed_area(points) < 0:
             continue  # too small, or a hole (contourpy runs holes the other way round)
-        points = _without_straight_runs((points - 0.5) / 2)
+        points = _without_straight_runs((points - 0.5) / 2) + np.asarray(origin, np.float64)
         if len(points) >= 3:
             polygons.append([float(v) for v in points.reshape(-1)])
     return polygons

@@ -23,6 +23,7 @@ from maskrcnn.data.image_io import read_image
 from maskrcnn.data.polygons import mask_to_polygons
 from maskrcnn.export.onnx_predictor import OnnxPredictor
 from maskrcnn.inference.predictor import Prediction, Predictor
+from maskrcnn.structures.local_masks import LocalMasks
 from maskrcnn.utils.atomic import write_text_atomic
 from maskrcnn.utils.visualize import draw_instances, save_overlay
 
@@ -117,7 +118,10 @@ class PredictionWriter:
         ``skipped`` with the reason, and the run goes on."""
         start = time.perf_counter()
         try:
-            predictions = self.predictor.predict_batch([to_float_image(b[2]) for b in batch])
+            # Sliced prediction takes the uint8 image and converts tile by tile.
+            tiled = getattr(self.predictor, "tile", None) is not None
+            images = [b[2] if tiled else to_float_image(b[2]) for b in batch]
+            predictions = self.predictor.predict_batch(images)
         except Exception as err:
             # One odd image, or a batch too big for the memory, must not cost the others
             # their results.
@@ -141,8 +145,7 @@ class PredictionWriter:
         height, width = pred.image_size
         results = pred.to_coco(image_id, self.predictor.label_to_cat_id)
         if self.fmt == "coco-polygon":
-            for result, mask in zip(results, pred.masks, strict=True):
-                polygons = mask_to_polygons(mask.numpy())
+            for result, polygons in zip(results, instance_polygons(pred), strict=True):
                 if polygons:  # an empty mask has no polygon: it keeps its (empty) RLE
                     result["segmentation"] = polygons
         if self.fmt == "labelme":
@@ -164,10 +167,11 @@ class PredictionWriter:
             {"label": name, "points": [[x, y] for x, y in zip(poly[::2], poly[1::2],
                                                               strict=True)],
              "group_id": k, "shape_type": "polygon", "flags": {}, "description": f"{score:.3f}"}
-            for k, (name, mask, score) in enumerate(
-                zip(pred.class_names, pred.masks, pred.scores.tolist(), strict=True), start=1
+            for k, (name, polygons, score) in enumerate(
+                zip(pred.class_names, instance_polygons(pred), pred.scores.tolist(), strict=True),
+                start=1,
             )
-            for poly in mask_to_polygons(mask.numpy())
+            for poly in polygons
         ]
         record: dict[str, Any] = {
             "version": "5.4.1", "flags": {}, "shapes": shapes,
@@ -196,6 +200,14 @@ class PredictionWriter:
             "skipped": [s._asdict() for s in skipped],
         }
         return write_text_atomic(self.out / "predictions.json", json.dumps(data))
+
+
+def instance_polygons(pred: Prediction) -> list[list[list[float]]]:
+    """Each instance's outlines (see :func:`mask_to_polygons`), from dense or box-local
+    masks alike."""
+    if isinstance(pred.masks, LocalMasks):
+        return [mask_to_polygons(crop.numpy(), origin) for crop, origin in pred.masks]
+    return [mask_to_polygons(mask.numpy()) for mask in pred.masks]
 
 
 def skip(skipped: list[Skipped], path: Path, reason: str) -> None:

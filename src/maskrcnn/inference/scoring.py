@@ -87,7 +87,9 @@ def evaluate_predictor(
     seconds, done = 0.0, 0
     for ids, images in dataset_batches(dataset, batch_size, skipped, desc):
         start = time.perf_counter()
-        preds = predictor.predict_batch([to_float_image(im) for im in images])
+        # Sliced prediction takes the uint8 image and converts tile by tile.
+        tiled = predictor.tile is not None
+        preds = predictor.predict_batch([im if tiled else to_float_image(im) for im in images])
         seconds += time.perf_counter() - start
         fields = [{"boxes": p.boxes, "labels": p.labels, "scores": p.scores, "masks": p.masks}
                   for p in preds]
