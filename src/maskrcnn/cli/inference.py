@@ -36,7 +36,7 @@ def tile_from_args(args: argparse.Namespace) -> TileConfig | None:
         return None
     try:
         return TileConfig(size=args.tile, overlap=args.tile_overlap,
-                          batch_size=args.tile_batch, full_pass=not args.no_full_pass)
+                          batch_size=args.tile_batch, full_pass=args.full_pass)
     except ValueError as err:
         raise CommandError(str(err), USAGE) from None
 
@@ -222,9 +222,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "(default 0.25; at least the size of the objects that matter)")
     p.add_argument("--tile-batch", type=positive_int, default=4, metavar="N",
                    help="with --tile: tiles per batch (default 4)")
-    p.add_argument("--no-full-pass", action="store_true",
-                   help="with --tile: skip the whole-image pass at the model's size, which "
-                   "finds objects larger than a tile")
+    p.add_argument("--full-pass", action="store_true",
+                   help="with --tile: also predict the whole image at the model's size and "
+                   "keep its detections larger than the overlap (objects larger than a tile)")
     p.add_argument("--max-detections", type=positive_int, default=100, metavar="N",
                    help="at most N detections per image (default 100); a warning says when "
                    "an image reaches it")

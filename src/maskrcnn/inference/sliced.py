@@ -36,6 +36,7 @@ from maskrcnn.structures.detections import Detections
 from maskrcnn.structures.local_masks import LocalMasks
 from maskrcnn.utils.malloc import release_freed_memory
 
+PIECE_INSIDE = 0.8  # a lower-scored detection this much inside a better one is a piece of it
 TRIM_EVERY = 4  # batches of tiles between two trims of the heap (see release_freed_memory)
 Window = tuple[int, int, int, int]  # x0, y0, x1, y1 (ends exclusive)
 # images (3, h, w) float in [0, 1] -> per image detections in its pixels and their masks
@@ -53,7 +54,7 @@ class TileConfig:
     size: int = 1024
     overlap: float = 0.25
     batch_size: int = 4
-    full_pass: bool = True
+    full_pass: bool = False
     match_iou: float = 0.5
     edge_margin: float = 2.0
 
@@ -197,11 +198,13 @@ def shrink_for_full_pass(image: Tensor, model: MaskRCNN) -> tuple[Tensor, tuple[
 def collect(
     image: Tensor, predict_tiles: TilePredictor, cfg: TileConfig,
     full_pass: Callable[[Tensor], tuple[Detections, LocalMasks]] | None,
+    windows: list[Window] | None = None,
 ) -> Candidates:
     """Runs every tile (and the whole-image pass) and gathers their detections in image
-    pixels."""
+    pixels. ``windows``: other tiles than ``cfg``'s grid."""
     h, w = int(image.shape[-2]), int(image.shape[-1])
-    windows = tile_windows(h, w, cfg.size, cfg.overlap)
+    if windows is None:
+        windows = tile_windows(h, w, cfg.size, cfg.overlap)
     parts: list[tuple[Detections, LocalMasks, int]] = []
     for start in range(0, len(windows), cfg.batch_size):
         group = windows[start : start + cfg.batch_size]
@@ -217,6 +220,12 @@ def collect(
     # One tile covering the image is already the whole-image pass.
     if full_pass is not None and len(windows) > 1:
         d, m = full_pass(image)
+        # An object no wider and no taller than the tiles' overlap lies whole in some tile,
+        # which sees it at a finer scale: the whole-image pass keeps only the larger ones.
+        seen_whole = cfg.size - max(1, int(cfg.size * (1.0 - cfg.overlap)))
+        sides = d.boxes[:, 2:] - d.boxes[:, :2]
+        large = torch.where((sides > seen_whole).any(1))[0]
+        d, m = d.select(large), m.select(large.cpu())
         full_source = len(windows)
         windows = [*windows, (0, 0, w, h)]
         parts.append((d, m, full_source))
@@ -248,21 +257,30 @@ def _clip(crop: Tensor, origin: tuple[int, int], region: Window) -> tuple[Tensor
     return crop[y0 - y : y1 - y, x0 - x : x1 - x], x0, y0
 
 
+def _intersection(a: tuple[Tensor, tuple[int, int]], b: tuple[Tensor, tuple[int, int]],
+                  region: Window, areas: list[int] | None = None) -> int:
+    """Pixels two box-local masks share inside ``region``; ``areas``, if given, receives
+    each mask's own pixel count inside the region."""
+    ca, ax, ay = _clip(*a, region)
+    cb, bx, by = _clip(*b, region)
+    if areas is not None:
+        areas += [int(ca.sum()), int(cb.sum())]
+    x0, y0 = max(ax, bx), max(ay, by)
+    x1, y1 = min(ax + ca.shape[1], bx + cb.shape[1]), min(ay + ca.shape[0], by + cb.shape[0])
+    if x1 <= x0 or y1 <= y0:
+        return 0
+    return int((ca[y0 - ay : y1 - ay, x0 - ax : x1 - ax]
+                & cb[y0 - by : y1 - by, x0 - bx : x1 - bx]).sum())
+
+
 def iou_inside(a: tuple[Tensor, tuple[int, int]], b: tuple[Tensor, tuple[int, int]],
                region: Window) -> float:
     """IoU of two box-local masks counting only the pixels inside ``region``."""
-    ca, ax, ay = _clip(*a, region)
-    cb, bx, by = _clip(*b, region)
-    area_a, area_b = int(ca.sum()), int(cb.sum())
-    if area_a == 0 or area_b == 0:
+    areas: list[int] = []
+    inter = _intersection(a, b, region, areas)
+    if min(areas) == 0:
         return 0.0
-    x0, y0 = max(ax, bx), max(ay, by)
-    x1, y1 = min(ax + ca.shape[1], bx + cb.shape[1]), min(ay + ca.shape[0], by + cb.shape[0])
-    inter = 0
-    if x1 > x0 and y1 > y0:
-        inter = int((ca[y0 - ay : y1 - ay, x0 - ax : x1 - ax]
-                     & cb[y0 - by : y1 - by, x0 - bx : x1 - bx]).sum())
-    return inter / (area_a + area_b - inter)
+    return inter / (areas[0] + areas[1] - inter)
 
 
 def _common(a: Window, b: Window) -> Window | None:
@@ -350,34 +368,93 @@ def unite(masks: LocalMasks, index: Sequence[int]) -> tuple[Tensor, tuple[int, i
 
 def merge(c: Candidates, match_iou: float) -> tuple[Detections, LocalMasks]:
     """One detection per group (see the module's flow), best score first."""
-    boxes, scores, labels, crops, origins = [], [], [], [], []
+    boxes, scores, labels, crops, origins, pieces = [], [], [], [], [], []
     for group in group_candidates(c, match_iou):
         idx = torch.tensor(group)
         best = int(idx[c.dets.scores[idx].argmax()])
         whole = [i for i in group if not bool(c.cut[i])]
+        # Tiles see at a finer scale than the whole-image pass: theirs first.
+        from_tiles = [i for i in group if int(c.source[i]) != c.full_source]
         if whole:
-            # Tiles see at a finer scale than the whole-image pass: theirs first.
-            tiles = [i for i in whole if int(c.source[i]) != c.full_source] or whole
-            pick = max(tiles, key=lambda i: float(c.dets.scores[i]))
+            pick = max([i for i in whole if i in from_tiles] or whole,
+                       key=lambda i: float(c.dets.scores[i]))
             boxes.append(c.dets.boxes[pick])
             crops.append(c.masks.crops[pick])
             origins.append(c.masks.origins[pick])
         else:
-            crop, origin = unite(c.masks, group)
+            crop, origin = unite(c.masks, from_tiles or group)
             b = c.dets.boxes[idx]
             boxes.append(torch.cat([b[:, :2].min(0).values, b[:, 2:].max(0).values]))
             crops.append(crop)
             origins.append(torch.tensor(origin))
         scores.append(c.dets.scores[idx].max())
         labels.append(c.dets.labels[best])
+        pieces.append(not whole)
     if not boxes:
         return c.dets, c.masks
-    order = torch.stack(scores).argsort(descending=True, stable=True)
+    masks = LocalMasks(crops, torch.stack(origins), c.masks.image_size)
+    keep = torch.tensor(without_pieces_inside(masks, torch.stack(labels), pieces))
+    order = keep[torch.stack(scores)[keep].argsort(descending=True, stable=True)]
+    order = order[mask_nms(masks.select(order), torch.stack(boxes)[order],
+                           torch.stack(labels)[order], match_iou)]
     dets = Detections(torch.stack(boxes)[order], torch.stack(scores)[order],
                       torch.stack(labels)[order])
-    masks = LocalMasks([crops[i] for i in order.tolist()], torch.stack(origins)[order],
-                       c.masks.image_size)
-    return dets, masks
+    return dets, masks.select(order)
+
+
+def mask_nms(masks: LocalMasks, boxes: Tensor, labels: Tensor, iou_thresh: float) -> Tensor:
+    """Greedy NMS over detections given best first (per class): a detection goes when its
+    mask's IoU with a better one reaches ``iou_thresh`` or :data:`PIECE_INSIDE` of it lies
+    inside a better one. What is left of one object seen differently by two tiles (neither
+    matched the other in their common area because a third detection of one of the tiles
+    had taken it), and partial detections of an object near a tile's edge."""
+    n = len(masks)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    meet = ((torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+             > torch.maximum(boxes[:, None, :2], boxes[None, :, :2])).all(-1)
+            & (labels[:, None] == labels[None, :]))
+    region = (0, 0, masks.image_size[1], masks.image_size[0])
+    local = list(masks)
+    removed = torch.zeros(n, dtype=torch.bool)
+    for i in range(n):
+        if removed[i]:
+            continue
+        for j in torch.where(meet[i, i + 1 :])[0].add(i + 1).tolist():
+            if removed[j]:
+                continue
+            areas: list[int] = []
+            inter = _intersection(local[i], local[j], region, areas)
+            union = areas[0] + areas[1] - inter
+            if union and (inter / union >= iou_thresh or inter >= PIECE_INSIDE * areas[1]):
+                removed[j] = True
+    return torch.where(~removed)[0]
+
+
+def without_pieces_inside(masks: LocalMasks, labels: Tensor, pieces: list[bool],
+                          inside: float = 0.5) -> list[int]:
+    """Indices of the merged detections to keep: all but the pieces (every member cut by a
+    tile edge) lying mostly (``inside`` of their area) within a larger detection of the
+    same class that some tile saw whole. Such a piece is the model's second, partial detection of an
+    object in a tile that cut it, which matched no other tile because the object's
+    detection there had already been taken."""
+    whole = [k for k, p in enumerate(pieces) if not p]
+    areas = masks.areas()
+    keep = []
+    for k, piece in enumerate(pieces):
+        if piece and areas[k] > 0:
+            region = (0, 0, masks.image_size[1], masks.image_size[0])
+            crop_k = (masks.crops[k], tuple(masks.origins[k].tolist()))
+            covered = any(
+                int(labels[j]) == int(labels[k]) and areas[j] >= areas[k]
+                and _intersection(crop_k, (masks.crops[j], tuple(masks.origins[j].tolist())),
+                                  region) >= inside * int(areas[k])
+                for j in whole
+            )
+            if covered:
+                continue
+        keep.append(k)
+    return keep
 
 
 def sliced_predict(

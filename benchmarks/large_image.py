@@ -1,0 +1,217 @@
+"""Large images: the whole-image pass against sliced prediction, on a mosaic with known
+ground truth.
+
+The validation images of a COCO set (by default the demo's synthetic shapes, which the demo
+model was trained on at 256 px) are laid out on one canvas of ``--side`` pixels, every
+``--stride`` pixels, so that objects fall across tile borders and corners. Each variant runs
+in its own process (so that its peak memory is its own) and is scored with pycocotools on
+the canvas, with up to 5,000 detections an image:
+
+- ``whole``: the image resized to the model's input size (what a plain predictor does);
+- ``cells``: each mosaic cell predicted on its own, as the model was trained (the reference:
+  no object is cut, so its duplicates and pieces are the model's own);
+- ``tiles``: the tiles' detections as they come (sliced prediction without the merge);
+- ``sliced``: sliced prediction, objects merged across tiles;
+- ``sliced_full``: the same with the whole-image pass (``--full-pass``).
+
+Printed per variant: mask and box AP, AR and AR of small objects, ground-truth objects
+matched by more than one prediction of their class (mask IoU >= 0.5, score >= 0.5),
+predictions that are a piece of an object (IoU < 0.5 with every object but 80 % inside
+one), seconds and peak resident memory.
+
+    python benchmarks/large_image.py --checkpoint runs/demo/best.pth \\
+        --val-json runs/demo/data/val.json --side 6000 --tile 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from maskrcnn.inference.predictor import Predictor
+from maskrcnn.inference.sliced import TileConfig, collect, model_tile_predictor
+from maskrcnn.structures.local_masks import crop_to_rle
+
+VARIANTS = ("whole", "cells", "tiles", "sliced", "sliced_full")
+MAX_DETS = 5000
+
+
+def mosaic(
+    val_json: Path, images: Path, side: int, stride: int
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The canvas (3, side, side) uint8 and its COCO ground truth (one image)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(val_json))
+    ids = sorted(coco.getImgIds())
+    canvas = torch.zeros((3, side, side), dtype=torch.uint8)
+    annotations: list[dict[str, Any]] = []
+    k = 0
+    for y in range(0, side, stride):
+        for x in range(0, side, stride):
+            info = coco.loadImgs(ids[k % len(ids)])[0]
+            k += 1
+            picture = np.array(Image.open(images / info["file_name"]).convert("RGB"))
+            h, w = min(picture.shape[0], side - y), min(picture.shape[1], side - x)
+            canvas[:, y : y + h, x : x + w] = torch.from_numpy(picture[:h, :w]).permute(2, 0, 1)
+            for ann in coco.loadAnns(coco.getAnnIds(imgIds=info["id"], iscrowd=None)):
+                mask = torch.from_numpy(coco.annToMask(ann)[:h, :w].astype(bool))
+                if not mask.any():
+                    continue
+                rle = crop_to_rle(mask, (x, y), (side, side))
+                bbox = [float(v) for v in mask_utils.toBbox(rle)]
+                annotations.append({"id": len(annotations) + 1, "image_id": 1,
+                                    "category_id": ann["category_id"], "segmentation": rle,
+                                    "area": float(mask.sum()), "bbox": bbox,
+                                    "iscrowd": ann.get("iscrowd", 0)})
+    truth = {"images": [{"id": 1, "width": side, "height": side, "file_name": "mosaic"}],
+             "categories": coco.loadCats(coco.getCatIds()), "annotations": annotations}
+    return canvas, truth
+
+
+def scores(truth: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, float]:
+    """COCO AP / AR (5,000 detections), and the duplicate and piece counts."""
+    out: dict[str, float] = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = truth
+        gt.createIndex()
+        for iou_type in ("segm", "bbox"):
+            dt = gt.loadRes(results) if results else COCO()
+            ev = COCOeval(gt, dt, iou_type)
+            ev.params.maxDets = [10, 100, MAX_DETS]
+            if results:
+                ev.evaluate()
+                ev.accumulate()
+                ev.summarize()
+                stats = ev.stats
+            else:
+                stats = np.zeros(12)
+            key = "mask" if iou_type == "segm" else "box"
+            out[f"{key}_ap"] = float(stats[0])
+            out[f"{key}_ar"] = float(stats[8])
+            out[f"{key}_ar_small"] = float(stats[9])
+    confident = [r["segmentation"] for r in results if r["score"] >= 0.5]
+    objects = [a["segmentation"] for a in truth["annotations"]]
+    if confident and objects:
+        iou = mask_utils.iou(confident, objects, [0] * len(objects))  # (P, G)
+        same = (np.array([r["category_id"] for r in results if r["score"] >= 0.5])[:, None]
+                == np.array([a["category_id"] for a in truth["annotations"]])[None, :])
+        # A piece: below 0.5 with every object, but mostly inside one (its area inside).
+        inside = np.array([mask_utils.area(mask_utils.merge([p, g], intersect=True))
+                           for p, g in zip(confident, [objects[j] for j in iou.argmax(1)],
+                                           strict=True)], dtype=np.float64)
+        area = mask_utils.area(confident).astype(np.float64)
+        out["duplicated_objects"] = int((((iou >= 0.5) & same).sum(0) > 1).sum())
+        out["pieces"] = int(((iou.max(1) < 0.5) & (inside >= 0.8 * area)).sum())
+    else:
+        out["duplicated_objects"] = out["pieces"] = 0
+    out["confident"] = len(confident)
+    out["objects"] = len(objects)
+    return out
+
+
+def run_variant(args: argparse.Namespace) -> dict[str, Any]:
+    canvas, truth = mosaic(args.val_json, args.images, args.side, args.stride)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device="cpu", score_thresh=0.05,
+                                          max_detections=MAX_DETS,
+                                          optimize=args.fast_precision)
+    tile = TileConfig(size=args.tile, overlap=args.overlap, batch_size=args.tile_batch)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    if args.variant in ("tiles", "cells"):
+        tiles = model_tile_predictor(predictor.model, predictor.mask_threshold)
+        cells = None
+        if args.variant == "cells":  # windows on the mosaic's cells instead of the tile grid
+            cells = [(x, y, min(x + args.cell, args.side), min(y + args.cell, args.side))
+                     for y in range(0, args.side, args.stride)
+                     for x in range(0, args.side, args.stride)]
+        with torch.inference_mode():
+            c = collect(canvas, tiles, tile, None, cells)
+        keep = torch.where(c.dets.scores >= 0.05)[0]
+        results = [{"image_id": 1, "category_id": predictor.label_to_cat_id[int(label)]
+                    if predictor.label_to_cat_id else int(label),
+                    "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+                    "score": float(s), "segmentation": c.masks.rle(int(i))}
+                   for i, b, s, label in zip(keep, c.dets.boxes[keep], c.dets.scores[keep],
+                                             c.dets.labels[keep], strict=True)]
+    else:
+        sliced = args.variant.startswith("sliced")
+        predictor.tile = (dataclasses.replace(tile, full_pass=args.variant == "sliced_full")
+                          if sliced else None)
+        image = canvas if sliced else canvas.float() / 255
+        pred = predictor(image)
+        assert not isinstance(pred, list)
+        results = pred.to_coco(1, predictor.label_to_cat_id)
+        del image, pred
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"variant": args.variant, "seconds": seconds, "detections": len(results),
+            "peak_mib": peak / 1024, "before_mib": before / 1024, **scores(truth, results)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=Path("runs/demo/best.pth"))
+    parser.add_argument("--val-json", type=Path, default=Path("runs/demo/data/val.json"))
+    parser.add_argument("--images", type=Path, default=None,
+                        help="image root (default: the JSON's folder)")
+    parser.add_argument("--side", type=int, default=6000)
+    parser.add_argument("--stride", type=int, default=270,
+                        help="pixels between the mosaic's cells (the images are 256 px)")
+    parser.add_argument("--cell", type=int, default=256, help="the images' size")
+    parser.add_argument("--tile", type=int, default=256)
+    parser.add_argument("--overlap", type=float, default=0.25)
+    parser.add_argument("--tile-batch", type=int, default=4)
+    parser.add_argument("--fast-precision", default=None,
+                        help="run the fast inference path in this precision (auto, bf16, fp32)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variant", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help="write results.json there")
+    args = parser.parse_args()
+    args.images = args.images or args.val_json.parent
+    if args.variant is not None:
+        print(json.dumps(run_variant(args)))
+        return
+    rows = []
+    for variant in args.variants.split(","):
+        argv = sys.argv[1:]
+        done = subprocess.run([sys.executable, __file__, *argv, "--variant", variant],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; {args.side} x {args.side} mosaic, "
+          f"{rows[0]['objects']} objects, tiles of {args.tile} px, overlap {args.overlap}")
+    print("| variant | mask AP | box AP | mask AR | mask AR small | objects found twice or "
+          "more | pieces | s | peak MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['variant']} | {r['mask_ap']:.3f} | {r['box_ap']:.3f} | {r['mask_ar']:.3f} "
+              f"| {r['mask_ar_small']:.3f} | {r['duplicated_objects']} | {r['pieces']} | "
+              f"{r['seconds']:.1f} | {r['peak_mib']:.0f} |")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
