@@ -235,6 +235,9 @@ class RunConfig:
     # Early stopping: stop after this many evaluations in a row without a better mask AP
     # (best.pth keeps the best); 0 never stops early. Needs run.eval_period and a val set.
     patience: int = 0
+    # Also log the validation loss (the five losses on the val set, BatchNorm with its
+    # running statistics, a fixed seed for the sampled proposals) at each evaluation.
+    val_loss: bool = False
 
     def __post_init__(self) -> None:
         _at_least(self, "run", log_period=1, eval_period=0, checkpoint_period=1,

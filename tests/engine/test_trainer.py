@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -350,3 +351,36 @@ def test_resume_does_not_need_the_start_weights_again(trained_tiny: Path, tmp_pa
     longer = tiny_config(tmp_path / "run", "solver.max_iter=3", f"model.weights={source}")
     resumed = Trainer(longer, resume=True, show_progress=False)
     assert resumed.iteration == 2
+
+
+def test_validation_loss_is_logged_and_leaves_training_untouched(tmp_path: Path) -> None:
+    """``run.val_loss``: the eval records carry the five losses and their sum on the val set;
+    the training run itself is the same as without (same weights at the end: the val loss
+    draws from its own seeded generator and leaves BatchNorm's statistics alone), and the
+    same weights give the same figure twice."""
+    from maskrcnn.engine.evaluation import validation_losses
+
+    common = ["solver.max_iter=6", "run.eval_period=3", "model.norm=bn",
+              "model.trainable_backbone_layers=5", "run.num_overlays=0"]
+    with_loss = Trainer(tiny_config(tmp_path / "a", *common, "run.val_loss=true"),
+                        show_progress=False)
+    with_loss.train()
+    without = Trainer(tiny_config(tmp_path / "b", *common), show_progress=False)
+    without.train()
+    a, b = with_loss.net.state_dict(), without.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # running statistics included
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").open()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["iter"] for r in evals] == [3, 6]
+    names = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
+             "loss_rpn_box_reg")
+    for r in evals:
+        assert all(np.isfinite(r[f"val/{n}"]) and r[f"val/{n}"] > 0 for n in names)
+        parts = sum(r[f"val/{n}"] for n in names[1:])
+        assert r["val/loss"] == pytest.approx(parts, rel=1e-5)
+    assert all("val/loss" not in r for r in (json.loads(line) for line in
+                                             (tmp_path / "b" / "metrics.jsonl").open()))
+    assert with_loss.val_set is not None
+    again = validation_losses(with_loss.net, with_loss.val_set, torch.device("cpu"))
+    assert again == validation_losses(with_loss.net, with_loss.val_set, torch.device("cpu"))
+    assert again["loss"] == pytest.approx(evals[-1]["val/loss"], rel=1e-4)

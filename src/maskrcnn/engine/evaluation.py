@@ -16,6 +16,7 @@ from maskrcnn.engine.batches import training_loader
 from maskrcnn.engine.coco_metrics import CocoEvaluator
 from maskrcnn.engine.coco_results import prediction_to_coco
 from maskrcnn.engine.distributed import DistInfo, gather_objects
+from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.utils.precision import autocast
 from maskrcnn.utils.visualize import draw_instances, save_overlay, side_by_side
 
@@ -61,6 +62,53 @@ def predict_dataset(
                 if len(kept) < keep:
                     kept[image_id] = pred
     return results, ids, kept
+
+
+@torch.no_grad()
+def validation_losses(
+    model: MaskRCNN, dataset: CocoDataset, device: torch.device, batch_size: int = 2,
+    precision: str = "fp32", dist: DistInfo | None = None, skip_bad: bool = False,
+) -> dict[str, float]:
+    """The mean of each training loss, and of their sum (``loss``), over ``dataset``: the
+    model computes its losses as in training (proposals sampled, multi-scale sizes drawn)
+    but with every norm layer in eval mode (running statistics used, not updated) and its
+    random draws from a fixed seed in a forked generator, so that training's own stream is
+    untouched and two evaluations of the same weights give the same figure. Averaged over
+    images, across processes too."""
+    dist = dist or DistInfo()
+    was_training = model.training
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._NormBase):
+            module.eval()
+    loader = build_loader(dataset, batch_size, shuffle=False, num_workers=0,
+                          aspect_ratio_grouping=False, distributed=dist.enabled,
+                          num_replicas=dist.world_size, rank=dist.rank)
+    sums: dict[str, float] = {}
+    count = 0
+    devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            for images, targets, _ in training_loader(loader, 0, skip_bad):
+                if not images:
+                    continue
+                with autocast(precision, device):
+                    losses = model(
+                        [im.to(device) for im in images],
+                        [{k: v.to(device) if isinstance(v, torch.Tensor) else v
+                          for k, v in t.items()} for t in targets],
+                    )
+                assert isinstance(losses, dict)
+                n = len(images)
+                for name, value in {**losses, "loss": sum(losses.values())}.items():
+                    sums[name] = sums.get(name, 0.0) + float(value) * n
+                count += n
+    finally:
+        model.train(was_training)
+    parts = gather_objects((sums, count), dist)
+    total = sum(c for _, c in parts)
+    return {name: sum(s.get(name, 0.0) for s, _ in parts) / max(total, 1) for name in sums}
 
 
 def evaluate(

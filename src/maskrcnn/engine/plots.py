@@ -24,7 +24,8 @@ def _save(fig: Any, ax: Any, title: str, path: str | Path) -> Path:
 
 
 def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Every ``loss*`` series of the train records against the iteration, log scale."""
+    """Every ``loss*`` series of the train records against the iteration, log scale, and
+    the validation loss of the eval records (``run.val_loss``) as dots."""
     train = [r for r in records if r.get("kind") == "train"]
     names = sorted({k for r in train for k in r if k.startswith("loss")})
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -36,6 +37,10 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
             label=name,
             linewidth=2.5 if name == "loss" else 1.2,
         )
+    val = [r for r in records if r.get("kind") == "eval" and r.get("val/loss") is not None]
+    if val:
+        ax.plot([r["iter"] for r in val], [r["val/loss"] for r in val], "o-", color="black",
+                label="validation loss", linewidth=2.5)
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     return _save(fig, ax, "training losses", path)

@@ -44,7 +44,7 @@ from maskrcnn.engine.distributed import (
     gather_objects,
     init_distributed,
 )
-from maskrcnn.engine.evaluation import evaluate
+from maskrcnn.engine.evaluation import evaluate, validation_losses
 from maskrcnn.engine.logging import MetricsLogger, read_metrics, truncate_after
 from maskrcnn.engine.plots import plot_ap, plot_losses
 from maskrcnn.engine.solver import build_optimizer, build_scheduler, effective_lr
@@ -310,6 +310,14 @@ class Trainer:
             for k, v in metrics[t].items()
             if k != "per_class"
         }
+        if self.cfg.run.val_loss:
+            losses = validation_losses(
+                self.net, self.val_set, self.device, batch_size=self.cfg.data.batch_size,
+                precision=self.precision, dist=self.dist,
+                skip_bad=self.cfg.data.on_bad_sample == "skip",
+            )
+            metrics["val_loss"] = losses
+            flat.update({f"val/{k}": v for k, v in losses.items()})
         self.logger.log("eval", self.iteration, flat)
         self.last_metrics = metrics
         if metrics["segm"]["AP"] > self.best_ap:
