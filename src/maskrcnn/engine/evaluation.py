@@ -16,7 +16,6 @@ from maskrcnn.engine.batches import training_loader
 from maskrcnn.engine.coco_metrics import CocoEvaluator
 from maskrcnn.engine.coco_results import prediction_to_coco
 from maskrcnn.engine.distributed import DistInfo, gather_objects
-from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.utils.precision import autocast
 from maskrcnn.utils.visualize import draw_instances, save_overlay, side_by_side
 
@@ -66,7 +65,7 @@ def predict_dataset(
 
 @torch.no_grad()
 def validation_losses(
-    model: MaskRCNN, dataset: CocoDataset, device: torch.device, batch_size: int = 2,
+    model: torch.nn.Module, dataset: CocoDataset, device: torch.device, batch_size: int = 2,
     precision: str = "fp32", dist: DistInfo | None = None, skip_bad: bool = False,
 ) -> dict[str, float]:
     """The mean of each training loss, and of their sum (``loss``), over ``dataset``: the
