@@ -129,9 +129,13 @@ def scores(truth: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, fl
 
 def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     canvas, truth = mosaic(args.val_json, args.images, args.side, args.stride)
-    predictor = Predictor.from_checkpoint(args.checkpoint, device="cpu", score_thresh=0.05,
-                                          max_detections=MAX_DETS,
-                                          optimize=args.fast_precision)
+    # The whole-image pass keeps the usual 100 detections: its masks are image-sized
+    # (100 x 36 MB at 6000 px, which is the point of slicing).
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, device="cpu", score_thresh=0.05,
+        max_detections=100 if args.variant == "whole" else MAX_DETS,
+        optimize=args.fast_precision,
+    )
     tile = TileConfig(size=args.tile, overlap=args.overlap, batch_size=args.tile_batch)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
