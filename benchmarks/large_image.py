@@ -7,7 +7,10 @@ model was trained on at 256 px) are laid out on one canvas of ``--side`` pixels,
 in its own process (so that its peak memory is its own) and is scored with pycocotools on
 the canvas, with up to 5,000 detections an image:
 
-- ``whole``: the image resized to the model's input size (what a plain predictor does);
+- ``whole``: the image resized to the model's input size (what a plain predictor does; its
+  masks pasted over their boxes, as the whole-image pass of sliced prediction does: the
+  plain predictor's 100 image-sized masks need 3.6 GB as bool at 6,000 px, and its float
+  paste ran this 24 GB machine out of memory);
 - ``cells``: each mosaic cell predicted on its own, as the model was trained (the reference:
   no object is cut, so its duplicates and pieces are the model's own);
 - ``tiles``: the tiles' detections as they come (sliced prediction without the merge);
@@ -46,8 +49,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from maskrcnn.inference.predictor import Predictor
-from maskrcnn.inference.sliced import TileConfig, collect, model_tile_predictor
-from maskrcnn.structures.local_masks import crop_to_rle
+from maskrcnn.inference.sliced import (
+    TileConfig,
+    collect,
+    model_full_pass,
+    model_tile_predictor,
+)
+from maskrcnn.structures.detections import Detections
+from maskrcnn.structures.local_masks import LocalMasks, crop_to_rle
 
 VARIANTS = ("whole", "cells", "tiles", "sliced", "sliced_full")
 MAX_DETS = 5000
@@ -127,6 +136,18 @@ def scores(truth: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, fl
     return out
 
 
+def to_results(predictor: Predictor, dets: Detections, masks: LocalMasks,
+               limit: int) -> list[dict[str, Any]]:
+    """COCO results of the detections scoring 0.05 or more (at most ``limit``)."""
+    keep = torch.where(dets.scores >= 0.05)[0][:limit]
+    ids = predictor.label_to_cat_id or {}
+    return [{"image_id": 1, "category_id": ids.get(int(label), int(label)),
+             "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+             "score": float(s), "segmentation": masks.rle(int(i))}
+            for i, b, s, label in zip(keep, dets.boxes[keep], dets.scores[keep],
+                                      dets.labels[keep], strict=True)]
+
+
 def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     canvas, truth = mosaic(args.val_json, args.images, args.side, args.stride)
     # The whole-image pass keeps the usual 100 detections: its masks are image-sized
@@ -139,7 +160,11 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     tile = TileConfig(size=args.tile, overlap=args.overlap, batch_size=args.tile_batch)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    if args.variant in ("tiles", "cells"):
+    if args.variant == "whole":
+        with torch.inference_mode():
+            dets, masks = model_full_pass(predictor.model, predictor.mask_threshold)(canvas)
+        results = to_results(predictor, dets, masks, 100)
+    elif args.variant in ("tiles", "cells"):
         tiles = model_tile_predictor(predictor.model, predictor.mask_threshold)
         cells = None
         if args.variant == "cells":  # windows on the mosaic's cells instead of the tile grid
@@ -148,13 +173,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
                      for x in range(0, args.side, args.stride)]
         with torch.inference_mode():
             c = collect(canvas, tiles, tile, None, cells)
-        keep = torch.where(c.dets.scores >= 0.05)[0]
-        results = [{"image_id": 1, "category_id": predictor.label_to_cat_id[int(label)]
-                    if predictor.label_to_cat_id else int(label),
-                    "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
-                    "score": float(s), "segmentation": c.masks.rle(int(i))}
-                   for i, b, s, label in zip(keep, c.dets.boxes[keep], c.dets.scores[keep],
-                                             c.dets.labels[keep], strict=True)]
+        results = to_results(predictor, c.dets, c.masks, MAX_DETS)
     else:
         sliced = args.variant.startswith("sliced")
         predictor.tile = (dataclasses.replace(tile, full_pass=args.variant == "sliced_full")
