@@ -23,6 +23,7 @@ from maskrcnn.inference.sliced import (
     sliced_predict,
     tile_windows,
 )
+from maskrcnn.inference.tta import TTAConfig
 from maskrcnn.structures.local_masks import LocalMasks
 from sliced_scenes import disc, object_ids, paint, rect, see
 
@@ -140,6 +141,14 @@ def test_one_tile_with_a_trained_model_is_the_plain_prediction(trained_tiny: Pat
     assert torch.equal(sliced.boxes, plain.boxes) and torch.equal(sliced.scores, plain.scores)
     assert torch.equal(sliced.masks.to_dense(), plain.masks)
     assert sliced.to_coco(1) == plain.to_coco(1)
+    # With test-time augmentation too: the views merged, then pasted over each box.
+    predictor.tta = TTAConfig(hflip=True, scales=(0.9, 1.0))
+    predictor.tile = None
+    plain = predictor(image)
+    predictor.tile = TileConfig(size=128)
+    sliced = predictor(image)
+    assert torch.equal(sliced.boxes, plain.boxes)
+    assert torch.equal(sliced.masks.to_dense(), plain.masks)  # type: ignore[union-attr]
 
 
 def test_sliced_predictions_encode_to_the_rles_of_their_dense_masks() -> None:

@@ -466,7 +466,11 @@ def sliced_predict(
     """One image (3, H, W), uint8 or float in [0, 1], predicted tile by tile: its detections
     in image pixels, best first, one per object, with box-local masks. ``full_pass``: the
     whole-image prediction (``None``: tiles only)."""
-    return merge(collect(image, predict_tiles, cfg, full_pass), cfg.match_iou)
+    candidates = collect(image, predict_tiles, cfg, full_pass)
+    if len(candidates.windows) == 1:  # one tile: the model's own prediction, nothing to merge
+        order = candidates.dets.scores.argsort(descending=True, stable=True)
+        return candidates.dets.select(order), candidates.masks.select(order)
+    return merge(candidates, cfg.match_iou)
 
 
 def model_full_pass(
