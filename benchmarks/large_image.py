@@ -126,7 +126,7 @@ def scores(truth: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, fl
         inside = np.array([mask_utils.area(mask_utils.merge([p, g], intersect=True))
                            for p, g in zip(confident, [objects[j] for j in iou.argmax(1)],
                                            strict=True)], dtype=np.float64)
-        area = mask_utils.area(confident).astype(np.float64)
+        area = np.array([mask_utils.area(p) for p in confident], dtype=np.float64)
         out["duplicated_objects"] = int((((iou >= 0.5) & same).sum(0) > 1).sum())
         out["pieces"] = int(((iou.max(1) < 0.5) & (inside >= 0.8 * area)).sum())
     else:
@@ -138,8 +138,9 @@ def scores(truth: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, fl
 
 def to_results(predictor: Predictor, dets: Detections, masks: LocalMasks,
                limit: int) -> list[dict[str, Any]]:
-    """COCO results of the detections scoring 0.05 or more (at most ``limit``)."""
-    keep = torch.where(dets.scores >= 0.05)[0][:limit]
+    """COCO results of the best detections scoring 0.05 or more (at most ``limit``)."""
+    keep = torch.where(dets.scores >= 0.05)[0]
+    keep = keep[dets.scores[keep].argsort(descending=True, stable=True)][:limit]
     ids = predictor.label_to_cat_id or {}
     return [{"image_id": 1, "category_id": ids.get(int(label), int(label)),
              "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
