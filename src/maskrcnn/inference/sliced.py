@@ -172,7 +172,7 @@ def cut_by_window(boxes: Tensor, window: Window, image_size: tuple[int, int],
     )
 
 
-def to_uint8_or_float(image: Tensor) -> Tensor:
+def as_float_tile(image: Tensor) -> Tensor:
     """A tile as the model takes it: float in [0, 1]. Divided in place: one block per tile,
     not two (with two, glibc's heap fragments and the process grows tile after tile)."""
     return image.to(torch.float32).div_(255.0) if image.dtype == torch.uint8 else image.float()
@@ -187,12 +187,12 @@ def shrink_for_full_pass(image: Tensor, model: MaskRCNN) -> tuple[Tensor, tuple[
     scale = resize_scale(h, w, cfg.min_sizes[-1], cfg.max_size)
     size = resized_size(h, w, scale)
     if scale >= 1.0:
-        return to_uint8_or_float(image), (h, w)
+        return as_float_tile(image), (h, w)
     small = torch.nn.functional.interpolate(
         image[None].float() if image.dtype != torch.uint8 else image[None],
         size=size, mode="bilinear", antialias=True, align_corners=False,
     )[0]
-    return to_uint8_or_float(small), size
+    return as_float_tile(small), size
 
 
 def collect(
@@ -208,7 +208,7 @@ def collect(
     parts: list[tuple[Detections, LocalMasks, int]] = []
     for start in range(0, len(windows), cfg.batch_size):
         group = windows[start : start + cfg.batch_size]
-        tiles = [to_uint8_or_float(image[:, y0:y1, x0:x1]) for x0, y0, x1, y1 in group]
+        tiles = [as_float_tile(image[:, y0:y1, x0:x1]) for x0, y0, x1, y1 in group]
         for k, ((d, m), (x0, y0, _, _)) in enumerate(zip(predict_tiles(tiles), group,
                                                           strict=True)):
             offset = d.boxes.new_tensor([x0, y0, x0, y0])
