@@ -175,6 +175,8 @@ def train_and_score(cfg: TrainConfig, net: nn.Module | None) -> dict[str, Any]:
         "train_s": train_s,
         "eval_s": time.perf_counter() - start,
         "iterations": cfg.solver.max_iter,
+        "per_class_mask_ap": metrics["segm"].get("per_class"),
+        "per_class_box_ap": metrics["bbox"].get("per_class"),
     }
 
 
