@@ -514,8 +514,9 @@ def test_tiled_predict_and_eval_match_the_plain_run_when_one_tile_holds_the_imag
         plain = json.loads((tmp_path / f"plain_{fmt}" / "predictions.json").read_text())
         tiled = json.loads((tmp_path / f"tiled_{fmt}" / "predictions.json").read_text())
         assert plain["annotations"] and tiled["annotations"] == plain["annotations"]
-    assert main([*common, "--out", str(tmp_path / "small"), "--tile", "32",
-                 "--tile-overlap", "0.5", "--overlays", "--max-detections", "5"]) == 0
+    with pytest.warns(UserWarning, match="reached the cap of 5 detections"):
+        assert main([*common, "--out", str(tmp_path / "small"), "--tile", "32",
+                     "--tile-overlap", "0.5", "--overlays", "--max-detections", "5"]) == 0
     small = json.loads((tmp_path / "small" / "predictions.json").read_text())
     assert 0 < len(small["annotations"]) <= 5
     h, w = Image.open(image).size[::-1]
