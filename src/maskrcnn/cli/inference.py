@@ -77,7 +77,8 @@ def load_onnx_predictor(args: argparse.Namespace) -> OnnxPredictor:
             raise CommandError(f"--{flag} is not available with --backend onnxruntime")
     try:
         # None: the score threshold stored in the file by `maskrcnn export --score-thresh`.
-        return OnnxPredictor(args.checkpoint, score_thresh=args.score_thresh)
+        return OnnxPredictor(args.checkpoint, score_thresh=args.score_thresh,
+                             max_detections=args.max_detections)
     except (ImportError, ValueError) as err:
         raise CommandError(str(err)) from None
 

@@ -71,9 +71,11 @@ def validation_losses(
     """The mean of each training loss, and of their sum (``loss``), over ``dataset``: the
     model computes its losses as in training (proposals sampled, multi-scale sizes drawn)
     but with every norm layer in eval mode (running statistics used, not updated) and its
-    random draws from a fixed seed in a forked generator, so that training's own stream is
-    untouched and two evaluations of the same weights give the same figure. Averaged over
-    images, across processes too."""
+    random draws from a fixed seed (the CPU generator and this process's CUDA generator,
+    forked and restored after), so that training's own stream is untouched and two
+    evaluations of the same weights give the same figure. Each batch's losses weighted by
+    its number of images, across processes too (a distributed sampler's padding images
+    count twice)."""
     dist = dist or DistInfo()
     was_training = model.training
     model.train()
@@ -85,10 +87,16 @@ def validation_losses(
                           num_replicas=dist.world_size, rank=dist.rank)
     sums: dict[str, float] = {}
     count = 0
-    devices = [device.index or 0] if device.type == "cuda" else []
+    cuda = device.type == "cuda"
+    index = 0
+    if cuda:
+        index = device.index if device.index is not None else torch.cuda.current_device()
     try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(0)
+        # Only the generators the model draws from, forked and seeded alone.
+        with torch.random.fork_rng(devices=[index] if cuda else []):
+            torch.default_generator.manual_seed(0)
+            if cuda:
+                torch.cuda.default_generators[index].manual_seed(0)
             for images, targets, _ in training_loader(loader, 0, skip_bad):
                 if not images:
                     continue
@@ -107,7 +115,8 @@ def validation_losses(
         model.train(was_training)
     parts = gather_objects((sums, count), dist)
     total = sum(c for _, c in parts)
-    return {name: sum(s.get(name, 0.0) for s, _ in parts) / max(total, 1) for name in sums}
+    names = sorted({name for s, _ in parts for name in s})
+    return {name: sum(s.get(name, 0.0) for s, _ in parts) / max(total, 1) for name in names}
 
 
 def evaluate(

@@ -113,7 +113,8 @@ class Predictor:
     The model is moved to ``device`` (None: CUDA when available, else CPU) and put in eval
     mode. Detections scoring below ``score_thresh`` are dropped (the model's own
     ``box_score_thresh`` applies first), at most ``max_detections`` are kept per image (the
-    model's own cap is raised to it; a warning says when it cut detections), and
+    model's own cap is raised to it while the predictor runs it, so a model shared between
+    threads needs a predictor each; a warning says when the cap cut detections), and
     masks are binarised at ``mask_threshold`` (None: the model config's ``mask_threshold``,
     which an ONNX export of the model stores in its metadata too). ``tta``: a
     :class:`TTAConfig` to predict with test-time augmentation, or None. ``tile``: a
@@ -245,13 +246,14 @@ class Predictor:
         assert self.tile is not None
         if image.dtype != torch.uint8:
             image = check_images([image])[0]
-        image = image.to(self.device)
+        # The image stays where it is (a large one on the CPU): tiles go to the device one
+        # batch at a time.
         tiles = model_tile_predictor(self.model, self.mask_threshold, self.tta)
         full = model_full_pass(self.model, self.mask_threshold, self.tta)
         with torch.inference_mode():
             dets, masks = sliced_predict(image, tiles, self.tile,
                                          full if self.tile.full_pass else None)
-        keep = self._kept(dets.scores)
+        keep = self._kept(dets.scores, cut_by_model=False)
         labels = dets.labels[keep].cpu()
         return Prediction(
             boxes=dets.boxes[keep].float().cpu().clone(),
@@ -261,22 +263,26 @@ class Predictor:
             masks=masks.select(keep),
         )
 
-    def _kept(self, scores: Tensor) -> Tensor:
-        """Indices of the detections to keep, best first; warns when the cap was reached
-        (the model stops at the same cap, so reaching it means there may be more)."""
+    def _kept(self, scores: Tensor, cut_by_model: bool) -> Tensor:
+        """Indices of the detections to keep, best first; warns when the cap cut some:
+        more than ``max_detections`` passed the threshold, or (``cut_by_model``) the model
+        stopped at its cap and all of those passed."""
         keep = torch.where(scores >= self.score_thresh)[0]
         keep = keep[scores[keep].argsort(descending=True, stable=True)]
-        if keep.numel() >= self.max_detections:
+        if keep.numel() > self.max_detections or (
+            cut_by_model and keep.numel() == self.max_detections
+        ):
             warnings.warn(
                 f"an image reached the cap of {self.max_detections} detections scoring at "
-                f"least {self.score_thresh:g}; there may be more (raise max_detections, "
+                f"least {self.score_thresh:g}; there are more (raise max_detections, "
                 "--max-detections)",
                 stacklevel=3,
             )
         return keep[: self.max_detections]
 
     def _to_prediction(self, output: dict[str, Tensor], return_probs: bool) -> Prediction:
-        keep = self._kept(output["scores"])
+        cap = max(self.model.roi_heads.detections_per_img, self.max_detections)
+        keep = self._kept(output["scores"], cut_by_model=len(output["scores"]) >= cap)
         probs = output["masks"][keep, 0].float().cpu()
         labels = output["labels"][keep].cpu()
         return Prediction(

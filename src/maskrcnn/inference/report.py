@@ -30,6 +30,7 @@ from pycocotools import mask as mask_utils
 
 from maskrcnn.data.coco import CocoDataset
 from maskrcnn.engine.coco_metrics import CocoEvaluator, category_names, to_rle
+from maskrcnn.structures.local_masks import LocalMasks
 from maskrcnn.utils.atomic import write_text_atomic
 from maskrcnn.utils.visualize import draw_instances, side_by_side
 
@@ -265,9 +266,13 @@ def _gallery_picture(
     def draw(items: list[dict[str, Any]], scores: bool) -> Image.Image:
         if not items:
             return Image.fromarray(image.permute(1, 2, 0).numpy())
-        masks = torch.from_numpy(np.stack(
-            [mask_utils.decode(to_rle(i["segmentation"], height, width)) for i in items]
-        ).astype(bool))
+        # One mask decoded at a time and kept over its box: the gallery of a large image
+        # never holds N image-sized masks.
+        masks = LocalMasks.cat([
+            LocalMasks.from_dense(torch.from_numpy(
+                mask_utils.decode(to_rle(i["segmentation"], height, width)).astype(bool)
+            )[None]) for i in items
+        ], (height, width))
         labels = torch.tensor([cat_index[i["category_id"]] for i in items])
         score = torch.tensor([i["score"] for i in items]) if scores else None
         boxes = torch.tensor([i["bbox"] for i in items], dtype=torch.float32)

@@ -13,7 +13,7 @@ Flow, per image::
     groups: matched pairs joined, strongest first, never two detections of one tile in a group
     per group: a member seen whole (not cut) gives the mask and box, the best-scored one,
         tiles before the whole pass; if every member is cut, the masks are united
-    score: the group's best; then best first, at most max_detections
+    score: the group's best; then best first (the Predictor keeps at most max_detections)
 
 The IoU inside the common area is the test of "the same object": two tiles saw the same
 pixels there, so a cut object's pieces agree on them, a duplicate in the overlap agrees
@@ -136,7 +136,10 @@ def model_tile_predictor(
 ) -> TilePredictor:
     """The model (eval mode, called under ``inference_mode``) as a :data:`TilePredictor`."""
 
+    device = next(model.parameters()).device
+
     def predict(images: list[Tensor]) -> list[tuple[Detections, LocalMasks]]:
+        images = [im.to(device) for im in images]
         return [
             (d, paste_local(p, d.boxes, (im.shape[-2], im.shape[-1]), mask_threshold))
             for (d, p), im in zip(box_probs(model, images, tta), images, strict=True)
@@ -405,9 +408,10 @@ def merge(c: Candidates, match_iou: float) -> tuple[Detections, LocalMasks]:
 def mask_nms(masks: LocalMasks, boxes: Tensor, labels: Tensor, iou_thresh: float) -> Tensor:
     """Greedy NMS over detections given best first (per class): a detection goes when its
     mask's IoU with a better one reaches ``iou_thresh`` or :data:`PIECE_INSIDE` of it lies
-    inside a better one. What is left of one object seen differently by two tiles (neither
-    matched the other in their common area because a third detection of one of the tiles
-    had taken it), and partial detections of an object near a tile's edge."""
+    inside a better one. It removes what is left of one object seen differently by two tiles
+    (neither matched the other in their common area, because a third detection of one of
+    the tiles had joined the group first), and partial detections of an object near a
+    tile's edge."""
     n = len(masks)
     if n == 0:
         return torch.zeros(0, dtype=torch.int64)
@@ -479,10 +483,12 @@ def model_full_pass(
     """The whole-image pass of a model: the image shrunk to the model's size first, then
     boxes scaled back and masks pasted over their boxes at full resolution."""
 
+    device = next(model.parameters()).device
+
     def predict(image: Tensor) -> tuple[Detections, LocalMasks]:
         h, w = int(image.shape[-2]), int(image.shape[-1])
-        small, size = shrink_for_full_pass(image, model)
-        d, p = box_probs(model, [small], tta)[0]
+        small, size = shrink_for_full_pass(image.cpu(), model)  # uint8 resizes on the CPU
+        d, p = box_probs(model, [small.to(device)], tta)[0]
         boxes = scale_boxes(d.boxes, size, (h, w))
         return Detections(boxes, d.scores, d.labels), paste_local(p, boxes, (h, w),
                                                                    mask_threshold)

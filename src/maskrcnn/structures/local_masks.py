@@ -110,7 +110,7 @@ def crop_to_rle(crop: Tensor, origin: Sequence[int], image_size: tuple[int, int]
     spanning the full height) are joined."""
     h, w = image_size
     x0, y0 = int(origin[0]), int(origin[1])
-    a = crop.cpu().numpy().astype(np.int8)
+    a = crop.cpu().bool().numpy().astype(np.int8)
     ch = a.shape[0]
     if a.size == 0 or not a.any():
         counts = [h * w]
