@@ -514,11 +514,15 @@ def test_tiled_predict_and_eval_match_the_plain_run_when_one_tile_holds_the_imag
         plain = json.loads((tmp_path / f"plain_{fmt}" / "predictions.json").read_text())
         tiled = json.loads((tmp_path / f"tiled_{fmt}" / "predictions.json").read_text())
         assert plain["annotations"] and tiled["annotations"] == plain["annotations"]
-    with pytest.warns(UserWarning, match="reached the cap of 5 detections"):
-        assert main([*common, "--out", str(tmp_path / "small"), "--tile", "32",
-                     "--tile-overlap", "0.5", "--overlays", "--max-detections", "5"]) == 0
+    tiled = [*common, "--tile", "32", "--tile-overlap", "0.5"]
+    assert main([*tiled, "--out", str(tmp_path / "all"), "--max-detections", "1000"]) == 0
+    found = len(json.loads((tmp_path / "all" / "predictions.json").read_text())["annotations"])
+    assert found >= 2
+    with pytest.warns(UserWarning, match=f"reached the cap of {found - 1} detections"):
+        assert main([*tiled, "--out", str(tmp_path / "small"), "--overlays",
+                     "--max-detections", str(found - 1)]) == 0
     small = json.loads((tmp_path / "small" / "predictions.json").read_text())
-    assert 0 < len(small["annotations"]) <= 5
+    assert len(small["annotations"]) == found - 1
     h, w = Image.open(image).size[::-1]
     assert all(a["segmentation"]["size"] == [h, w] for a in small["annotations"])
     assert len(list((tmp_path / "small" / "overlays").iterdir())) == 1

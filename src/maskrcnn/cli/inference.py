@@ -73,12 +73,14 @@ def load_onnx_predictor(args: argparse.Namespace) -> OnnxPredictor:
     from maskrcnn.export.onnx_predictor import OnnxPredictor
 
     for flag in ("tta", "fast", "tile"):
-        if getattr(args, flag):
+        if getattr(args, flag, None):
             raise CommandError(f"--{flag} is not available with --backend onnxruntime")
     try:
         # None: the score threshold stored in the file by `maskrcnn export --score-thresh`.
-        return OnnxPredictor(args.checkpoint, score_thresh=args.score_thresh,
-                             max_detections=args.max_detections)
+        cap = getattr(args, "max_detections", None)
+        if cap is None:
+            return OnnxPredictor(args.checkpoint, score_thresh=args.score_thresh)
+        return OnnxPredictor(args.checkpoint, score_thresh=args.score_thresh, max_detections=cap)
     except (ImportError, ValueError) as err:
         raise CommandError(str(err)) from None
 
@@ -226,9 +228,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full-pass", action="store_true",
                    help="with --tile: also predict the whole image at the model's size and "
                    "keep its detections larger than the overlap (objects larger than a tile)")
-    p.add_argument("--max-detections", type=positive_int, default=100, metavar="N",
-                   help="at most N detections per image (default 100); a warning says when "
-                   "an image reaches it")
+    p.add_argument("--max-detections", type=positive_int, default=None, metavar="N",
+                   help="at most N detections per image (default: the model's "
+                   "box_detections_per_img, 100 unless trained otherwise); a warning says "
+                   "when the cap cut detections")
     p.add_argument("--fast", action="store_true",
                    help="fast inference path: frozen BatchNorm folded into the convolutions, "
                    "channels-last, reduced-precision autocast (see --fast-precision)")

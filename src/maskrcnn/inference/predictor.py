@@ -112,8 +112,9 @@ class Predictor:
 
     The model is moved to ``device`` (None: CUDA when available, else CPU) and put in eval
     mode. Detections scoring below ``score_thresh`` are dropped (the model's own
-    ``box_score_thresh`` applies first), at most ``max_detections`` are kept per image (the
-    model's own cap is raised to it while the predictor runs it, so a model shared between
+    ``box_score_thresh`` applies first), at most ``max_detections`` are kept per image (None:
+    the model's ``box_detections_per_img``, 100 by default; a larger value raises the
+    model's own cap while the predictor runs it, so a model shared between
     threads needs a predictor each; a warning says when the cap cut detections), and
     masks are binarised at ``mask_threshold`` (None: the model config's ``mask_threshold``,
     which an ONNX export of the model stores in its metadata too). ``tta``: a
@@ -134,7 +135,7 @@ class Predictor:
         label_to_cat_id: Mapping[int, int] | None = None,
         device: str | torch.device | None = None,
         score_thresh: float = 0.5,
-        max_detections: int = 100,
+        max_detections: int | None = None,
         mask_threshold: float | None = None,
         tta: TTAConfig | None = None,
         optimize: str | None = None,
@@ -147,6 +148,8 @@ class Predictor:
         self.class_names = list(class_names) if class_names is not None else None
         self.label_to_cat_id = dict(label_to_cat_id) if label_to_cat_id is not None else None
         self.score_thresh = score_thresh
+        if max_detections is None:
+            max_detections = self.model.roi_heads.detections_per_img
         if max_detections < 1:
             raise ValueError(f"max_detections must be >= 1, got {max_detections}")
         self.max_detections = max_detections
@@ -160,7 +163,7 @@ class Predictor:
         path: str | Path,
         device: str | torch.device | None = None,
         score_thresh: float = 0.5,
-        max_detections: int = 100,
+        max_detections: int | None = None,
         mask_threshold: float | None = None,
         tta: TTAConfig | None = None,
         optimize: str | None = None,
