@@ -55,6 +55,7 @@ from maskrcnn.inference.sliced import (
     model_full_pass,
     model_tile_predictor,
 )
+from maskrcnn.model.preprocess import Preprocessor
 from maskrcnn.structures.detections import Detections
 from maskrcnn.structures.local_masks import LocalMasks, crop_to_rle
 
@@ -94,8 +95,10 @@ def mosaic(
     return canvas, truth
 
 
-def scores(truth: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, float]:
-    """COCO AP / AR (5,000 detections), and the duplicate and piece counts."""
+def scores(
+    truth: dict[str, Any], results: list[dict[str, Any]], max_dets: int = MAX_DETS
+) -> dict[str, float]:
+    """COCO AP / AR (``max_dets`` detections), and the duplicate and piece counts."""
     out: dict[str, float] = {}
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
@@ -104,7 +107,7 @@ def scores(truth: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, fl
         for iou_type in ("segm", "bbox"):
             dt = gt.loadRes(results) if results else COCO()
             ev = COCOeval(gt, dt, iou_type)
-            ev.params.maxDets = [10, 100, MAX_DETS]
+            ev.params.maxDets = [10, 100, max_dets]
             if results:
                 ev.evaluate()
                 ev.accumulate()
@@ -155,9 +158,14 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     # (100 x 36 MB at 6000 px, which is the point of slicing).
     predictor = Predictor.from_checkpoint(
         args.checkpoint, device="cpu", score_thresh=0.05,
-        max_detections=100 if args.variant == "whole" else MAX_DETS,
+        max_detections=100 if args.variant == "whole" else args.max_dets,
         optimize=args.fast_precision,
     )
+    if args.model_size is not None:  # run tiles at another input size than trained
+        cfg = dataclasses.replace(predictor.model.cfg, min_size=args.model_size,
+                                  max_size=args.model_size)
+        predictor.model.preprocess = Preprocessor(cfg)
+        predictor.model.cfg = cfg
     tile = TileConfig(size=args.tile, overlap=args.overlap, batch_size=args.tile_batch)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
@@ -174,7 +182,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
                      for x in range(0, args.side, args.stride)]
         with torch.inference_mode():
             c = collect(canvas, tiles, tile, None, cells)
-        results = to_results(predictor, c.dets, c.masks, MAX_DETS)
+        results = to_results(predictor, c.dets, c.masks, args.max_dets)
     else:
         sliced = args.variant.startswith("sliced")
         predictor.tile = (dataclasses.replace(tile, full_pass=args.variant == "sliced_full")
@@ -187,7 +195,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"variant": args.variant, "seconds": seconds, "detections": len(results),
-            "peak_mib": peak / 1024, "before_mib": before / 1024, **scores(truth, results)}
+            "peak_mib": peak / 1024, "before_mib": before / 1024,
+            **scores(truth, results, args.max_dets)}
 
 
 def main() -> None:
@@ -203,6 +212,11 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--tile-batch", type=int, default=4)
+    parser.add_argument("--max-dets", type=int, default=MAX_DETS,
+                        help="detections kept and scored per image (default 5,000)")
+    parser.add_argument("--model-size", type=int, default=None,
+                        help="the model's input size (default: as trained); e.g. the tile size "
+                        "to run tiles at their own scale")
     parser.add_argument("--fast-precision", default=None,
                         help="run the fast inference path in this precision (auto, bf16, fp32)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
