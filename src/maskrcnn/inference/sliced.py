@@ -415,16 +415,19 @@ def mask_nms(masks: LocalMasks, boxes: Tensor, labels: Tensor, iou_thresh: float
     n = len(masks)
     if n == 0:
         return torch.zeros(0, dtype=torch.int64)
-    meet = ((torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
-             > torch.maximum(boxes[:, None, :2], boxes[None, :, :2])).all(-1)
-            & (labels[:, None] == labels[None, :]))
     region = (0, 0, masks.image_size[1], masks.image_size[0])
     local = list(masks)
     removed = torch.zeros(n, dtype=torch.bool)
     for i in range(n):
         if removed[i]:
             continue
-        for j in torch.where(meet[i, i + 1 :])[0].add(i + 1).tolist():
+        # The later detections of its class whose boxes meet its box, one row at a time (an
+        # n x n table would take gigabytes for the tens of thousands of a large image).
+        rest = boxes[i + 1 :]
+        meet = ((labels[i + 1 :] == labels[i])
+                & (torch.minimum(rest[:, 2], boxes[i, 2]) > torch.maximum(rest[:, 0], boxes[i, 0]))
+                & (torch.minimum(rest[:, 3], boxes[i, 3]) > torch.maximum(rest[:, 1], boxes[i, 1])))
+        for j in torch.where(meet)[0].add(i + 1).tolist():
             if removed[j]:
                 continue
             areas: list[int] = []
@@ -442,20 +445,24 @@ def without_pieces_inside(masks: LocalMasks, labels: Tensor, pieces: list[bool],
     same class that some tile saw whole. Such a piece is the model's second, partial detection of an
     object in a tile that cut it, which matched no other tile because the object's
     detection there had already been taken."""
-    whole = [k for k, p in enumerate(pieces) if not p]
+    whole = torch.tensor([not p for p in pieces])
     areas = masks.areas()
+    sizes = torch.tensor([[c.shape[1], c.shape[0]] for c in masks.crops],
+                         dtype=torch.int64).reshape(-1, 2)
+    lo, hi = masks.origins, masks.origins + sizes  # each crop's extent, x0 y0 / x1 y1
+    region = (0, 0, masks.image_size[1], masks.image_size[0])
     keep = []
     for k, piece in enumerate(pieces):
         if piece and areas[k] > 0:
-            region = (0, 0, masks.image_size[1], masks.image_size[0])
-            crop_k = (masks.crops[k], tuple(masks.origins[k].tolist()))
-            covered = any(
-                int(labels[j]) == int(labels[k]) and areas[j] >= areas[k]
-                and _intersection(crop_k, (masks.crops[j], tuple(masks.origins[j].tolist())),
-                                  region) >= inside * int(areas[k])
-                for j in whole
-            )
-            if covered:
+            # Whole detections of its class, at least as large, whose crops meet its crop.
+            near = torch.where(
+                whole & (labels == labels[k]) & (areas >= areas[k])
+                & (torch.minimum(hi[:, 0], hi[k, 0]) > torch.maximum(lo[:, 0], lo[k, 0]))
+                & (torch.minimum(hi[:, 1], hi[k, 1]) > torch.maximum(lo[:, 1], lo[k, 1]))
+            )[0].tolist()
+            crop_k = (masks.crops[k], (int(lo[k, 0]), int(lo[k, 1])))
+            if any(_intersection(crop_k, (masks.crops[j], (int(lo[j, 0]), int(lo[j, 1]))),
+                                 region) >= inside * int(areas[k]) for j in near):
                 continue
         keep.append(k)
     return keep
