@@ -48,6 +48,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from maskrcnn.engine.coco_results import prediction_to_coco
 from maskrcnn.inference.predictor import Predictor
 from maskrcnn.inference.sliced import (
     TileConfig,
@@ -144,12 +145,9 @@ def to_results(predictor: Predictor, dets: Detections, masks: LocalMasks,
     """COCO results of the best detections scoring 0.05 or more (at most ``limit``)."""
     keep = torch.where(dets.scores >= 0.05)[0]
     keep = keep[dets.scores[keep].argsort(descending=True, stable=True)][:limit]
-    ids = predictor.label_to_cat_id or {}
-    return [{"image_id": 1, "category_id": ids.get(int(label), int(label)),
-             "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
-             "score": float(s), "segmentation": masks.rle(int(i))}
-            for i, b, s, label in zip(keep, dets.boxes[keep], dets.scores[keep],
-                                      dets.labels[keep], strict=True)]
+    kept = {"boxes": dets.boxes[keep], "labels": dets.labels[keep],
+            "scores": dets.scores[keep], "masks": masks.select(keep)}
+    return prediction_to_coco(kept, 1, predictor.label_to_cat_id)
 
 
 def run_variant(args: argparse.Namespace) -> dict[str, Any]:

@@ -291,10 +291,11 @@ def _common(a: Window, b: Window) -> Window | None:
     return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
 
-def _meets(boxes: Tensor, region: Window) -> Tensor:
-    """(N,) bool: the box overlaps ``region``."""
-    return ((boxes[:, 0] < region[2]) & (boxes[:, 2] > region[0])
-            & (boxes[:, 1] < region[3]) & (boxes[:, 3] > region[1]))
+def _meets(a: Tensor, b: Tensor) -> Tensor:
+    """Whether xyxy boxes ``a`` (..., 4) and ``b`` (..., 4) overlap (by a positive area),
+    broadcast over their leading dimensions."""
+    return ((a[..., 0] < b[..., 2]) & (b[..., 0] < a[..., 2])
+            & (a[..., 1] < b[..., 3]) & (b[..., 1] < a[..., 3]))
 
 
 def matched_pairs(c: Candidates, match_iou: float) -> list[tuple[float, int, int]]:
@@ -311,16 +312,14 @@ def matched_pairs(c: Candidates, match_iou: float) -> list[tuple[float, int, int
             region = _common(c.windows[sa], c.windows[sb])
             if region is None:
                 continue
-            ia = by_source[sa][_meets(c.dets.boxes[by_source[sa]], region)]
-            ib = by_source[sb][_meets(c.dets.boxes[by_source[sb]], region)]
+            area = c.dets.boxes.new_tensor(region)
+            ia = by_source[sa][_meets(c.dets.boxes[by_source[sa]], area)]
+            ib = by_source[sb][_meets(c.dets.boxes[by_source[sb]], area)]
             if ia.numel() == 0 or ib.numel() == 0:
                 continue
             same = c.dets.labels[ia][:, None] == c.dets.labels[ib][None, :]
             ba, bb = c.dets.boxes[ia][:, None], c.dets.boxes[ib][None, :]
-            touch = ((torch.minimum(ba[..., 2], bb[..., 2]) > torch.maximum(ba[..., 0], bb[..., 0]))
-                     & (torch.minimum(ba[..., 3], bb[..., 3]) > torch.maximum(ba[..., 1],
-                                                                              bb[..., 1])))
-            for p, q in torch.nonzero(same & touch).tolist():
+            for p, q in torch.nonzero(same & _meets(ba, bb)).tolist():
                 i, j = int(ia[p]), int(ib[q])
                 iou = iou_inside(crops[i], crops[j], region)
                 if iou >= match_iou:
@@ -423,10 +422,7 @@ def mask_nms(masks: LocalMasks, boxes: Tensor, labels: Tensor, iou_thresh: float
             continue
         # The later detections of its class whose boxes meet its box, one row at a time (an
         # n x n table would take gigabytes for the tens of thousands of a large image).
-        rest = boxes[i + 1 :]
-        meet = ((labels[i + 1 :] == labels[i])
-                & (torch.minimum(rest[:, 2], boxes[i, 2]) > torch.maximum(rest[:, 0], boxes[i, 0]))
-                & (torch.minimum(rest[:, 3], boxes[i, 3]) > torch.maximum(rest[:, 1], boxes[i, 1])))
+        meet = (labels[i + 1 :] == labels[i]) & _meets(boxes[i + 1 :], boxes[i])
         for j in torch.where(meet)[0].add(i + 1).tolist():
             if removed[j]:
                 continue
@@ -449,7 +445,8 @@ def without_pieces_inside(masks: LocalMasks, labels: Tensor, pieces: list[bool],
     areas = masks.areas()
     sizes = torch.tensor([[c.shape[1], c.shape[0]] for c in masks.crops],
                          dtype=torch.int64).reshape(-1, 2)
-    lo, hi = masks.origins, masks.origins + sizes  # each crop's extent, x0 y0 / x1 y1
+    lo = masks.origins
+    extents = torch.cat([lo, lo + sizes], 1)  # each crop's extent, xyxy
     region = (0, 0, masks.image_size[1], masks.image_size[0])
     keep = []
     for k, piece in enumerate(pieces):
@@ -457,8 +454,7 @@ def without_pieces_inside(masks: LocalMasks, labels: Tensor, pieces: list[bool],
             # Whole detections of its class, at least as large, whose crops meet its crop.
             near = torch.where(
                 whole & (labels == labels[k]) & (areas >= areas[k])
-                & (torch.minimum(hi[:, 0], hi[k, 0]) > torch.maximum(lo[:, 0], lo[k, 0]))
-                & (torch.minimum(hi[:, 1], hi[k, 1]) > torch.maximum(lo[:, 1], lo[k, 1]))
+                & _meets(extents, extents[k])
             )[0].tolist()
             crop_k = (masks.crops[k], (int(lo[k, 0]), int(lo[k, 1])))
             if any(_intersection(crop_k, (masks.crops[j], (int(lo[j, 0]), int(lo[j, 1]))),
