@@ -92,6 +92,10 @@ class ModelConfig:
     class_agnostic_masks: bool = False
     mask_threshold: float = 0.5
     loss_weights: LossWeights = field(default_factory=LossWeights)
+    # Class name -> weight of its RoIs in the box classifier's cross-entropy (a weighted
+    # mean; unnamed classes 1.0, "background" names the background). For rare classes; see
+    # docs/training.md "Class imbalance".
+    class_loss_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -119,6 +123,14 @@ class ModelConfig:
             raise ValueError(
                 f"class_map must map dataset class names to source class names, got "
                 f"{self.class_map!r}"
+            )
+        if not isinstance(self.class_loss_weights, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v) and v > 0 for k, v in self.class_loss_weights.items()
+        ):
+            raise ValueError(
+                "class_loss_weights must map class names to positive numbers, got "
+                f"{self.class_loss_weights!r}"
             )
         if isinstance(self.loss_weights, dict):  # built from YAML
             object.__setattr__(self, "loss_weights", LossWeights(**self.loss_weights))

@@ -110,6 +110,21 @@ def build_model(
     return model.to(device)
 
 
+def class_loss_weights(weights: dict[str, float], class_names: list[str]) -> torch.Tensor:
+    """``model.class_loss_weights`` (class name -> weight; names case-insensitive,
+    "background" the background) as one weight per label, 1.0 for the classes not named."""
+    index = {name.lower(): label for label, name in enumerate(class_names)}
+    index["background"] = 0
+    out = torch.ones(len(class_names))
+    for name, weight in weights.items():
+        if name.lower() not in index:
+            known = ", ".join(class_names[1:])
+            raise ValueError(f"model.class_loss_weights names {name!r}, which is not a class "
+                             f"of the training set (its classes: {known}; or background)")
+        out[index[name.lower()]] = float(weight)
+    return out
+
+
 @dataclasses.dataclass
 class TrainedModel:
     """A model read from a training checkpoint, with what the checkpoint says about its

@@ -27,6 +27,7 @@ from maskrcnn.engine.batches import training_loader
 from maskrcnn.engine.build import (
     build_datasets,
     build_model,
+    class_loss_weights,
     resolve_model_config,
     synthetic_data,
 )
@@ -99,6 +100,14 @@ class Trainer:
             if net is None
             else net.to(self.device)
         )
+        if cfg.model.class_loss_weights:
+            weights = class_loss_weights(cfg.model.class_loss_weights, self.train_set.class_names)
+            heads = self.net.roi_heads
+            assert isinstance(heads, torch.nn.Module)
+            heads.class_weights = weights.to(self.device)
+            log.info("classification loss weights: %s", ", ".join(
+                f"{n} {w:g}" for n, w in zip(self.train_set.class_names, weights.tolist(),
+                                             strict=True) if w != 1.0))
         if self.device.type == "cpu":
             # oneDNN's convolutions and the RoIAlign gathers (model/pooler.py) are fastest on
             # NHWC activations: 20-25 % per step (docs/performance.md).

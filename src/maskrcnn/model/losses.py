@@ -29,14 +29,19 @@ def rpn_loss(
 
 
 def fastrcnn_loss(
-    class_logits: Tensor, box_regression: Tensor, labels: Tensor, regression_targets: Tensor
+    class_logits: Tensor, box_regression: Tensor, labels: Tensor, regression_targets: Tensor,
+    class_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Classification cross-entropy and class-specific box smooth-L1.
 
     class_logits: (R, C); box_regression: (R, 4*C); labels: (R,) int64 in [0, C);
-    regression_targets: (R, 4).
+    regression_targets: (R, 4); class_weights: (C,) each RoI's weight in the cross-entropy
+    by its label (a weighted mean), None for all 1.
     """
-    classification_loss = F.cross_entropy(class_logits, labels)
+    classification_loss = F.cross_entropy(
+        class_logits, labels,
+        weight=None if class_weights is None else class_weights.to(class_logits.dtype),
+    )
     pos = torch.where(labels > 0)[0]
     box_regression = box_regression.reshape(labels.shape[0], -1, 4)
     box_loss = (

@@ -89,6 +89,10 @@ class RoIHeads(nn.Module):
         self.score_thresh = cfg.box_score_thresh
         self.nms_thresh = cfg.box_nms_thresh
         self.detections_per_img = cfg.box_detections_per_img
+        # (C,) weights of the classes in the classification loss, set by the trainer from
+        # cfg.class_loss_weights (which names classes); not part of the weights.
+        self.class_weights: Tensor | None
+        self.register_buffer("class_weights", None, persistent=False)
 
     def forward(
         self,
@@ -166,7 +170,8 @@ class RoIHeads(nn.Module):
         s = self.sample(proposals, targets)
         class_logits, box_regression = self.box_logits(features, s.proposals, image_sizes)
         loss_cls, loss_box = fastrcnn_loss(
-            class_logits, box_regression, torch.cat(s.labels), s.regression_targets
+            class_logits, box_regression, torch.cat(s.labels), s.regression_targets,
+            self.class_weights,
         )
         pos = [torch.where(lab > 0)[0] for lab in s.labels]
         pos_boxes = [p[i] for p, i in zip(s.proposals, pos, strict=True)]
