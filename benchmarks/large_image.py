@@ -20,7 +20,10 @@ the canvas, with up to 5,000 detections an image:
 Printed per variant: mask and box AP, AR and AR of small objects, ground-truth objects
 matched by more than one prediction of their class (mask IoU >= 0.5, score >= 0.5),
 predictions that are a piece of an object (IoU < 0.5 with every object but 80 % inside
-one), seconds and peak resident memory.
+one), objects split at a tile border (found twice or with a piece, where one of those
+predictions ends, within 2 px, on a tile edge that crosses the object), seconds and peak
+resident memory. For the cells the tile edges are those of the sliced variants: the count
+says how often the model's own pieces end there by chance.
 
     python benchmarks/large_image.py --checkpoint runs/demo/best.pth \\
         --val-json runs/demo/data/val.json --side 6000 --tile 256
@@ -55,6 +58,7 @@ from maskrcnn.inference.sliced import (
     collect,
     model_full_pass,
     model_tile_predictor,
+    tile_windows,
 )
 from maskrcnn.model.preprocess import Preprocessor
 from maskrcnn.structures.detections import Detections
@@ -96,10 +100,25 @@ def mosaic(
     return canvas, truth
 
 
+def ends_on_an_edge(box: list[float], obj: list[float], edges: list[int],
+                    margin: float = 2.0) -> bool:
+    """Whether xywh ``box`` ends (within ``margin``) on one of the tile ``edges`` (x or y;
+    the grid is square) that crosses xywh ``obj``."""
+    for lo, size, olo, osize in ((box[0], box[2], obj[0], obj[2]),
+                                 (box[1], box[3], obj[1], obj[3])):
+        for e in edges:
+            if (olo + margin < e < olo + osize - margin
+                    and (abs(lo - e) <= margin or abs(lo + size - e) <= margin)):
+                return True
+    return False
+
+
 def scores(
-    truth: dict[str, Any], results: list[dict[str, Any]], max_dets: int = MAX_DETS
+    truth: dict[str, Any], results: list[dict[str, Any]], max_dets: int = MAX_DETS,
+    edges: list[int] | None = None,
 ) -> dict[str, float]:
-    """COCO AP / AR (``max_dets`` detections), and the duplicate and piece counts."""
+    """COCO AP / AR (``max_dets`` detections), and the duplicate, piece and split counts
+    (``edges``: the tile grid's inner edges)."""
     out: dict[str, float] = {}
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
@@ -131,10 +150,23 @@ def scores(
                            for p, g in zip(confident, [objects[j] for j in iou.argmax(1)],
                                            strict=True)], dtype=np.float64)
         area = np.array([mask_utils.area(p) for p in confident], dtype=np.float64)
-        out["duplicated_objects"] = int((((iou >= 0.5) & same).sum(0) > 1).sum())
-        out["pieces"] = int(((iou.max(1) < 0.5) & (inside >= 0.8 * area)).sum())
+        hit = (iou >= 0.5) & same
+        duplicated = hit.sum(0) > 1
+        piece = (iou.max(1) < 0.5) & (inside >= 0.8 * area)
+        out["duplicated_objects"] = int(duplicated.sum())
+        out["pieces"] = int(piece.sum())
+        # Per object, the predictions that make it a problem: its matches when it is found
+        # twice, and its pieces.
+        boxes = [r["bbox"] for r in results if r["score"] >= 0.5]
+        split = set()
+        for p in range(len(boxes)):
+            for g in ([int(iou[p].argmax())] if piece[p] else []) + [
+                    int(g) for g in np.where(hit[p] & duplicated)[0]]:
+                if ends_on_an_edge(boxes[p], truth["annotations"][g]["bbox"], edges or []):
+                    split.add(g)
+        out["split_objects"] = len(split)
     else:
-        out["duplicated_objects"] = out["pieces"] = 0
+        out["duplicated_objects"] = out["pieces"] = out["split_objects"] = 0
     out["confident"] = len(confident)
     out["objects"] = len(objects)
     return out
@@ -192,9 +224,11 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         del image, pred
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    grid = tile_windows(args.side, args.side, args.tile, args.overlap)
+    edges = sorted({w[0] for w in grid} | {w[2] for w in grid} - {0, args.side})
     return {"variant": args.variant, "seconds": seconds, "detections": len(results),
             "peak_mib": peak / 1024, "before_mib": before / 1024,
-            **scores(truth, results, args.max_dets)}
+            **scores(truth, results, args.max_dets, edges)}
 
 
 def main() -> None:
@@ -238,12 +272,12 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; {args.side} x {args.side} mosaic, "
           f"{rows[0]['objects']} objects, tiles of {args.tile} px, overlap {args.overlap}")
     print("| variant | mask AP | box AP | mask AR | mask AR small | objects found twice or "
-          "more | pieces | s | peak MiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "more | pieces | split at a tile border | s | peak MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['variant']} | {r['mask_ap']:.3f} | {r['box_ap']:.3f} | {r['mask_ar']:.3f} "
               f"| {r['mask_ar_small']:.3f} | {r['duplicated_objects']} | {r['pieces']} | "
-              f"{r['seconds']:.1f} | {r['peak_mib']:.0f} |")
+              f"{r['split_objects']} | {r['seconds']:.1f} | {r['peak_mib']:.0f} |")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(rows, indent=1))

@@ -18,12 +18,16 @@ from PIL import Image
 
 from maskrcnn.inference.predictor import Predictor
 from maskrcnn.inference.sliced import (
+    Candidates,
     TileConfig,
     axis_starts,
+    merge,
     sliced_predict,
     tile_windows,
+    without_pieces_inside,
 )
 from maskrcnn.inference.tta import TTAConfig
+from maskrcnn.structures.detections import Detections
 from maskrcnn.structures.local_masks import LocalMasks
 from sliced_scenes import disc, object_ids, paint, rect, see
 
@@ -99,6 +103,53 @@ def test_without_merging_the_tiles_split_objects() -> None:
     pieces = sum(len(see([image[:, y0:y1, x0:x1].float() / 255])[0][0].scores)
                  for x0, y0, x1, y1 in windows)
     assert pieces > 2 * len(truth)
+
+
+def _box_mask(box: list[int], pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A crop filling ``box`` (xyxy), or only its first ``pixels`` pixels, and its origin."""
+    crop = torch.ones((box[3] - box[1], box[2] - box[0]), dtype=torch.bool)
+    if pixels is not None:
+        crop.view(-1)[pixels:] = False
+    return crop, torch.tensor(box[:2])
+
+
+def test_a_model_s_partial_detections_at_a_tile_edge_leave_one_whole_object() -> None:
+    """What a trained model does at a tile edge (the mosaic benchmark's cases): the object's
+    piece in the tile that cuts it scores higher than its whole detection in the next tile;
+    that tile's sliver is taken for another class; a box over the few pixels beyond the
+    edge has next to no mask. One detection stays: the whole one, with its own score."""
+    windows = [(0, 0, 128, 100), (72, 0, 200, 100)]  # common area x in [72, 128)
+    rows = [  # box, label, score, window, cut, pixels of the mask (None: the whole box)
+        ([100, 20, 128, 60], 1, 0.95, 0, True, None),   # piece, cut at x = 128
+        ([100, 20, 150, 60], 1, 0.60, 1, False, None),  # the same object seen whole
+        ([120, 30, 128, 40], 2, 0.90, 0, True, None),   # a sliver of it, another class
+        ([10, 70, 128, 100], 1, 0.80, 0, True, 3),      # a box with 3 pixels of mask
+    ]
+    masks = [_box_mask(b, n) for b, _, _, _, _, n in rows]
+    c = Candidates(
+        Detections(torch.tensor([r[0] for r in rows], dtype=torch.float32),
+                   torch.tensor([r[2] for r in rows]), torch.tensor([r[1] for r in rows])),
+        LocalMasks([m[0] for m in masks], torch.stack([m[1] for m in masks]), (100, 200)),
+        torch.tensor([r[3] for r in rows]), torch.tensor([r[4] for r in rows]), windows, None,
+    )
+    dets, out = merge(c, 0.5)
+    assert dets.boxes.tolist() == [[100.0, 20.0, 150.0, 60.0]]
+    assert dets.scores.tolist() == [pytest.approx(0.60)]  # the whole detection's score
+    assert out.origins.tolist() == [[100, 20]] and int(out.crops[0].sum()) == 50 * 40
+
+
+def test_a_piece_goes_when_inside_a_larger_detection_seen_whole_or_scoring_higher() -> None:
+    big, small = _box_mask([0, 0, 40, 40]), _box_mask([10, 10, 20, 20])
+    masks = LocalMasks([big[0], small[0]], torch.stack([big[1], small[1]]), (50, 50))
+    boxes = torch.tensor([[0.0, 0, 40, 40], [10.0, 10, 20, 20]])
+
+    def kept(scores: list[float], pieces: list[bool]) -> list[int]:
+        return without_pieces_inside(masks, boxes, torch.tensor(scores), pieces)
+
+    assert kept([0.5, 0.9], [False, True]) == [0]   # inside a whole one: gone
+    assert kept([0.9, 0.5], [True, True]) == [0]    # inside a better-scored union of pieces
+    assert kept([0.4, 0.5], [True, True]) == [0, 1]  # a weaker union of pieces: kept
+    assert kept([0.9, 0.5], [True, False]) == [0, 1]  # seen whole: never a piece
 
 
 def test_a_whole_image_pass_finds_an_object_no_tile_sees_and_adds_no_duplicate() -> None:

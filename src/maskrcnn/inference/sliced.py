@@ -11,9 +11,12 @@ Flow, per image::
     pairs: same class, different tiles (or tile and whole pass), boxes meeting inside the two
         windows' common area; matched when their masks' IoU *inside that area* >= match_iou
     groups: matched pairs joined, strongest first, never two detections of one tile in a group
-    per group: a member seen whole (not cut) gives the mask and box, the best-scored one,
-        tiles before the whole pass; if every member is cut, the masks are united
-    score: the group's best; then best first (the Predictor keeps at most max_detections)
+    per group: a member seen whole (not cut) gives the mask, box and score, the best-scored
+        one, tiles before the whole pass; if every member is cut, the masks are united and
+        the best score taken
+    pieces (all members cut) go when (next to) empty or mostly inside a larger detection
+        of any class, seen whole or scoring higher; then a mask NMS per class; best first
+        (the Predictor keeps at most max_detections)
 
 The IoU inside the common area is the test of "the same object": two tiles saw the same
 pixels there, so a cut object's pieces agree on them, a duplicate in the overlap agrees
@@ -37,6 +40,9 @@ from maskrcnn.structures.local_masks import LocalMasks
 from maskrcnn.utils.malloc import release_freed_memory
 
 PIECE_INSIDE = 0.8  # a lower-scored detection this much inside a better one is a piece of it
+# A cut detection whose mask fills less than this of its box is dropped: a box the model put
+# on the few pixels of an object beyond the tile's edge, with (next to) no mask.
+EMPTY_PIECE = 0.05
 TRIM_EVERY = 4  # batches of tiles between two trims of the heap (see release_freed_memory)
 Window = tuple[int, int, int, int]  # x0, y0, x1, y1 (ends exclusive)
 # images (3, h, w) float in [0, 1] -> per image detections in its pixels and their masks
@@ -383,19 +389,21 @@ def merge(c: Candidates, match_iou: float) -> tuple[Detections, LocalMasks]:
             boxes.append(c.dets.boxes[pick])
             crops.append(c.masks.crops[pick])
             origins.append(c.masks.origins[pick])
+            scores.append(c.dets.scores[pick])
         else:
             crop, origin = unite(c.masks, from_tiles or group)
             b = c.dets.boxes[idx]
             boxes.append(torch.cat([b[:, :2].min(0).values, b[:, 2:].max(0).values]))
             crops.append(crop)
             origins.append(torch.tensor(origin))
-        scores.append(c.dets.scores[idx].max())
+            scores.append(c.dets.scores[idx].max())
         labels.append(c.dets.labels[best])
         pieces.append(not whole)
     if not boxes:
         return c.dets, c.masks
     masks = LocalMasks(crops, torch.stack(origins), c.masks.image_size)
-    keep = torch.tensor(without_pieces_inside(masks, torch.stack(labels), pieces))
+    keep = torch.tensor(without_pieces_inside(masks, torch.stack(boxes), torch.stack(scores),
+                                             pieces))
     order = keep[torch.stack(scores)[keep].argsort(descending=True, stable=True)]
     order = order[mask_nms(masks.select(order), torch.stack(boxes)[order],
                            torch.stack(labels)[order], match_iou)]
@@ -434,28 +442,32 @@ def mask_nms(masks: LocalMasks, boxes: Tensor, labels: Tensor, iou_thresh: float
     return torch.where(~removed)[0]
 
 
-def without_pieces_inside(masks: LocalMasks, labels: Tensor, pieces: list[bool],
-                          inside: float = 0.5) -> list[int]:
+def without_pieces_inside(masks: LocalMasks, boxes: Tensor, scores: Tensor,
+                          pieces: list[bool], inside: float = 0.5) -> list[int]:
     """Indices of the merged detections to keep: all but the pieces (every member cut by a
-    tile edge) lying mostly (``inside`` of their area) within a larger detection of the
-    same class that some tile saw whole. Such a piece is the model's second, partial detection of an
-    object in a tile that cut it, which matched no other tile because the object's
-    detection there had already been taken."""
-    whole = torch.tensor([not p for p in pieces])
+    tile edge) whose mask is (next to) empty (:data:`EMPTY_PIECE`) or lies mostly
+    (``inside`` of its area) within a larger detection of any class, seen whole or
+    scoring at least as high. Such a piece is a tile's partial detection of an object that
+    tile cut (often of another class: a sliver of a circle looks like anything), which
+    matched no other tile because the object's detection there had already been taken, or
+    because no tile saw the object whole and its other pieces were united."""
     areas = masks.areas()
     sizes = torch.tensor([[c.shape[1], c.shape[0]] for c in masks.crops],
                          dtype=torch.int64).reshape(-1, 2)
     lo = masks.origins
     extents = torch.cat([lo, lo + sizes], 1)  # each crop's extent, xyxy
     region = (0, 0, masks.image_size[1], masks.image_size[0])
+    index = torch.arange(len(pieces))
+    whole = torch.tensor([not p for p in pieces])
     keep = []
     for k, piece in enumerate(pieces):
-        if piece and areas[k] > 0:
-            # Whole detections of its class, at least as large, whose crops meet its crop.
-            near = torch.where(
-                whole & (labels == labels[k]) & (areas >= areas[k])
-                & _meets(extents, extents[k])
-            )[0].tolist()
+        if piece and areas[k] < EMPTY_PIECE * float(boxes[k, 2:].sub(boxes[k, :2]).prod()):
+            continue
+        if piece:
+            # Larger detections (the earlier one of two equal) whose crops meet its crop.
+            larger = (areas > areas[k]) | ((areas == areas[k]) & (index < k))
+            near = torch.where(larger & (whole | (scores >= scores[k]))
+                               & _meets(extents, extents[k]))[0].tolist()
             crop_k = (masks.crops[k], (int(lo[k, 0]), int(lo[k, 1])))
             if any(_intersection(crop_k, (masks.crops[j], (int(lo[j, 0]), int(lo[j, 1]))),
                                  region) >= inside * int(areas[k]) for j in near):
