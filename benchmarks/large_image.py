@@ -4,8 +4,10 @@ ground truth.
 The validation images of a COCO set (by default the demo's synthetic shapes, which the demo
 model was trained on at 256 px) are laid out on one canvas of ``--side`` pixels, every
 ``--stride`` pixels, so that objects fall across tile borders and corners. Each variant runs
-in its own process (so that its peak memory is its own) and is scored with pycocotools on
-the canvas, with up to 5,000 detections an image:
+in its own process (so that its peak memory is its own) and is scored with pycocotools,
+each mosaic cell an image of its own (a prediction belongs to the cell holding its box's
+centre; one 20,000 px image with 15,000 objects is beyond pycocotools' per-image matching),
+with up to 5,000 detections a cell:
 
 - ``whole``: the image resized to the model's input size (what a plain predictor does; its
   masks pasted over their boxes, as the whole-image pass of sliced prediction does: the
@@ -71,7 +73,8 @@ MAX_DETS = 5000
 def mosaic(
     val_json: Path, images: Path, side: int, stride: int
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The canvas (3, side, side) uint8 and its COCO ground truth (one image)."""
+    """The canvas (3, side, side) uint8 and its COCO ground truth: one image per mosaic
+    cell (ids 1, 2, ... row by row, see :func:`cell_of`), each of the canvas's size."""
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(val_json))
     ids = sorted(coco.getImgIds())
@@ -91,13 +94,22 @@ def mosaic(
                     continue
                 rle = crop_to_rle(mask, (x, y), (side, side))
                 bbox = [float(v) for v in mask_utils.toBbox(rle)]
-                annotations.append({"id": len(annotations) + 1, "image_id": 1,
+                annotations.append({"id": len(annotations) + 1, "image_id": k,
                                     "category_id": ann["category_id"], "segmentation": rle,
                                     "area": float(mask.sum()), "bbox": bbox,
                                     "iscrowd": ann.get("iscrowd", 0)})
-    truth = {"images": [{"id": 1, "width": side, "height": side, "file_name": "mosaic"}],
+    truth = {"images": [{"id": i, "width": side, "height": side, "file_name": f"cell {i}"}
+                        for i in range(1, k + 1)],
              "categories": coco.loadCats(coco.getCatIds()), "annotations": annotations}
     return canvas, truth
+
+
+def cell_of(bbox: list[float], side: int, stride: int) -> int:
+    """The mosaic cell (image id) holding the centre of xywh ``bbox``."""
+    columns = len(range(0, side, stride))
+    col = min(int((bbox[0] + bbox[2] / 2) // stride), columns - 1)
+    row = min(int((bbox[1] + bbox[3] / 2) // stride), columns - 1)
+    return row * columns + col + 1
 
 
 def ends_on_an_edge(box: list[float], obj: list[float], edges: list[int],
@@ -133,43 +145,56 @@ def scores(
                 ev.accumulate()
                 ev.summarize()
                 stats = ev.stats
+                # AP at max_dets (stats[0] is AP at 100 detections an image).
+                precision = ev.eval["precision"][:, :, :, 0, -1]
+                ap = float(precision[precision > -1].mean())
             else:
-                stats = np.zeros(12)
+                stats, ap = np.zeros(12), 0.0
             key = "mask" if iou_type == "segm" else "box"
-            out[f"{key}_ap"] = float(stats[0])
+            out[f"{key}_ap"] = ap
             out[f"{key}_ar"] = float(stats[8])
             out[f"{key}_ar_small"] = float(stats[9])
-    confident = [r["segmentation"] for r in results if r["score"] >= 0.5]
-    objects = [a["segmentation"] for a in truth["annotations"]]
-    if confident and objects:
-        iou = mask_utils.iou(confident, objects, [0] * len(objects))  # (P, G)
-        same = (np.array([r["category_id"] for r in results if r["score"] >= 0.5])[:, None]
-                == np.array([a["category_id"] for a in truth["annotations"]])[None, :])
-        # A piece: below 0.5 with every object, but mostly inside one (its area inside).
-        inside = np.array([mask_utils.area(mask_utils.merge([p, g], intersect=True))
-                           for p, g in zip(confident, [objects[j] for j in iou.argmax(1)],
-                                           strict=True)], dtype=np.float64)
-        area = np.array([mask_utils.area(p) for p in confident], dtype=np.float64)
-        hit = (iou >= 0.5) & same
-        duplicated = hit.sum(0) > 1
-        piece = (iou.max(1) < 0.5) & (inside >= 0.8 * area)
-        out["duplicated_objects"] = int(duplicated.sum())
-        out["pieces"] = int(piece.sum())
-        # Per object, the predictions that make it a problem: its matches when it is found
-        # twice, and its pieces.
-        boxes = [r["bbox"] for r in results if r["score"] >= 0.5]
-        split = set()
-        for p in range(len(boxes)):
-            for g in ([int(iou[p].argmax())] if piece[p] else []) + [
-                    int(g) for g in np.where(hit[p] & duplicated)[0]]:
-                if ends_on_an_edge(boxes[p], truth["annotations"][g]["bbox"], edges or []):
-                    split.add(g)
-        out["split_objects"] = len(split)
-    else:
-        out["duplicated_objects"] = out["pieces"] = out["split_objects"] = 0
+    confident = [r for r in results if r["score"] >= 0.5]
+    out["duplicated_objects"] = out["pieces"] = out["split_objects"] = 0
+    for image in truth["images"]:
+        problems = image_problems(
+            [r for r in confident if r["image_id"] == image["id"]],
+            [a for a in truth["annotations"] if a["image_id"] == image["id"]], edges or [])
+        for key, value in problems.items():
+            out[key] += value
     out["confident"] = len(confident)
-    out["objects"] = len(objects)
+    out["objects"] = len(truth["annotations"])
     return out
+
+
+def image_problems(results: list[dict[str, Any]], objects: list[dict[str, Any]],
+                   edges: list[int]) -> dict[str, int]:
+    """One image's objects found twice or more, pieces and objects split at a tile edge
+    (see the module's docstring), from its confident ``results``."""
+    if not results or not objects:
+        return {"duplicated_objects": 0, "pieces": 0, "split_objects": 0}
+    segs = [r["segmentation"] for r in results]
+    truths = [a["segmentation"] for a in objects]
+    iou = mask_utils.iou(segs, truths, [0] * len(truths))  # (P, G)
+    same = (np.array([r["category_id"] for r in results])[:, None]
+            == np.array([a["category_id"] for a in objects])[None, :])
+    # A piece: below 0.5 with every object, but mostly inside one (its area inside).
+    inside = np.array([mask_utils.area(mask_utils.merge([p, truths[j]], intersect=True))
+                       for p, j in zip(segs, iou.argmax(1), strict=True)], dtype=np.float64)
+    area = np.array([mask_utils.area(p) for p in segs], dtype=np.float64)
+    hit = (iou >= 0.5) & same
+    duplicated = hit.sum(0) > 1
+    piece = (iou.max(1) < 0.5) & (inside >= 0.8 * area)
+    # Per object, the predictions that make it a problem: its matches when it is found
+    # twice, and its pieces.
+    split = set()
+    for p, r in enumerate(results):
+        for g in ([int(iou[p].argmax())] if piece[p] else []) + [
+                int(g) for g in np.where(hit[p] & duplicated)[0]]:
+            if ends_on_an_edge(r["bbox"], objects[g]["bbox"], edges):
+                split.add(g)
+    return {"duplicated_objects": int(duplicated.sum()), "pieces": int(piece.sum()),
+            "split_objects": len(split)}
 
 
 def to_results(predictor: Predictor, dets: Detections, masks: LocalMasks,
@@ -224,6 +249,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         del image, pred
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for r in results:
+        r["image_id"] = cell_of(r["bbox"], args.side, args.stride)
     grid = tile_windows(args.side, args.side, args.tile, args.overlap)
     edges = sorted({w[0] for w in grid} | {w[2] for w in grid} - {0, args.side})
     return {"variant": args.variant, "seconds": seconds, "detections": len(results),

@@ -54,3 +54,37 @@ def test_a_piece_ending_on_a_tile_edge_across_the_object_is_a_split() -> None:
     # The same piece, but the edge x = 128 is not a tile edge: no split.
     assert bench.scores(truth, [whole, cut], edges=[64, 160])["split_objects"] == 0
     assert bench.scores(truth, [whole], edges=[128])["split_objects"] == 0
+
+
+def test_each_mosaic_cell_is_an_image_and_a_prediction_belongs_to_its_centre_s_cell() -> None:
+    bench = _load()
+    # 540 px, a cell every 270 px: 2 x 2 cells, ids row by row.
+    assert bench.cell_of([300, 10, 20, 20], 540, 270) == 2
+    assert bench.cell_of([10, 280, 20, 20], 540, 270) == 3
+    assert bench.cell_of([260, 260, 40, 40], 540, 270) == 4  # centre (280, 280)
+    assert bench.cell_of([530, 530, 9, 9], 540, 270) == 4
+    # Problems are counted per image: the same two predictions in another cell than the
+    # object's are neither a duplicate nor a split.
+    obj = {"id": 1, "image_id": 2, "category_id": 1, "segmentation": _rle(100, 20, 150, 60),
+           "area": 2000.0, "bbox": [100, 20, 50, 40], "iscrowd": 0}
+    truth = {"images": [{"id": i, "width": 200, "height": 200} for i in (1, 2)],
+             "categories": [{"id": 1, "name": "a"}], "annotations": [obj]}
+    preds = [_pred((100, 20, 150, 60)), _pred((100, 20, 128, 60), 0.8)]
+    assert bench.scores(truth, preds, edges=[128])["duplicated_objects"] == 0
+    for p in preds:
+        p["image_id"] = 2
+    got = bench.scores(truth, preds, edges=[128])
+    assert (got["duplicated_objects"], got["split_objects"], got["objects"]) == (1, 1, 1)
+
+
+def test_ap_counts_every_detection_of_an_image_not_the_first_hundred() -> None:
+    bench = _load()
+    squares = [(x, y, x + 10, y + 10) for y in range(0, 180, 15) for x in range(0, 180, 15)]
+    objects = [{"id": k + 1, "image_id": 1, "category_id": 1, "segmentation": _rle(*b),
+                "area": 100.0, "bbox": [b[0], b[1], 10, 10], "iscrowd": 0}
+               for k, b in enumerate(squares)]
+    truth = {"images": [{"id": 1, "width": 200, "height": 200}],
+             "categories": [{"id": 1, "name": "a"}], "annotations": objects}
+    assert len(objects) == 144
+    got = bench.scores(truth, [_pred(b) for b in squares])
+    assert got["mask_ap"] == 1.0 and got["box_ap"] == 1.0
