@@ -175,6 +175,37 @@ def bench_inference(
     return times, agreement
 
 
+def bench_int8(
+    ours: MaskRCNN, theirs: TVMaskRCNN, size: tuple[int, int], repeats: int, fast_precision: str
+) -> dict[str, Any]:
+    """CPU: seconds per image of torchvision, our fast path and our int8 path (backbone and
+    FPN in int8, calibrated on 4 other random images of the same size), alternating; the
+    time to quantize and of the first call (which compiles for the input size); int8 against
+    exact outputs. ``{"skipped": why}`` without torchao."""
+    from maskrcnn.model.int8 import Int8Error
+
+    image = bench_image(size, torch.device("cpu"))
+    calibration = [torch.rand(3, *size, generator=torch.Generator().manual_seed(seed))
+                   for seed in range(2, 6)]
+    start = time.perf_counter()
+    try:
+        int8 = copy.deepcopy(ours).optimize_for_inference("int8", calibration=calibration)
+    except Int8Error as err:
+        return {"skipped": str(err)}
+    quantize_s = time.perf_counter() - start
+    fast = copy.deepcopy(ours).optimize_for_inference(fast_precision)
+    exact = copy.deepcopy(ours).optimize_for_inference("fp32")
+    with torch.inference_mode():
+        start = time.perf_counter()
+        int8(image)
+        first_s = time.perf_counter() - start
+        times = alternate({"torchvision": lambda: theirs(image), "ours_fast": lambda: fast(image),
+                           "ours_int8": lambda: int8(image)}, repeats)
+        agreement = compare(exact(image)[0], int8(image)[0])
+    return {"s_per_image": times, "quantize_s": quantize_s, "first_call_s": first_s,
+            "int8_vs_exact": agreement}
+
+
 def compare(ref: dict[str, Tensor], other: dict[str, Tensor]) -> dict[str, float]:
     """Each reference detection matched to the other's best-overlapping one of the same
     label: mean box IoU, mean mask IoU (binarised at 0.5) and mean |score difference|."""
@@ -421,6 +452,9 @@ def run(
         times, agreement = bench_inference(ours, theirs, size, repeats, precision)
         report["inference_s_per_image"] = times
         report["fast_vs_exact"] = agreement
+    if "int8" not in skip and dev.type == "cpu":
+        _progress("int8 (quantize, compile for the size, then alternate)", repeats)
+        report["int8"] = bench_int8(ours, theirs, size, repeats, precision)
     if "train" not in skip:
         _progress("training step", repeats)
         report["train_s_per_step_batch2"] = bench_training(ours, theirs, size, repeats, precision)
@@ -545,6 +579,24 @@ def format_report(report: dict[str, Any]) -> str:
             f"onnxruntime {o['onnxruntime']:.4f} s vs PyTorch fast "
             f"{o['pytorch_fast']:.4f} s per image (ratio {o['ratio']:.2f})"
         )
+    if "int8" in report:
+        q = report["int8"]
+        lines.append("")
+        if "skipped" in q:
+            lines.append(f"int8: skipped ({q['skipped']})")
+        else:
+            t = q["s_per_image"]
+            int8 = t["ours_int8"]
+            lines.append(
+                f"int8: {int8:.4f} s per image, {t['torchvision'] / int8:.2f}x torchvision fp32 "
+                f"({t['torchvision']:.4f} s), {t['ours_fast'] / int8:.2f}x our "
+                f"{report['fast_precision']} fast path ({t['ours_fast']:.4f} s); quantizing "
+                f"{q['quantize_s']:.1f} s, first call (compiles for the size) "
+                f"{q['first_call_s']:.1f} s"
+            )
+            a = q["int8_vs_exact"]
+            lines.append(f"  int8 vs exact outputs: box IoU {a['box_iou']:.4f}, mask IoU "
+                         f"{a['mask_iou']:.4f}, |score diff| {a['score_diff']:.5f}")
     if "fast_vs_exact" in report:
         a = report["fast_vs_exact"]
         lines.append("")

@@ -8,7 +8,7 @@ from maskrcnn.cli.args import positive_int
 from maskrcnn.cli.errors import USAGE, CommandError
 
 # The parts of the report (``--skip``); maskrcnn.bench.run checks them by these names.
-SECTIONS = ("inference", "train", "paste", "loading", "memory", "onnx")
+SECTIONS = ("inference", "int8", "train", "paste", "loading", "memory", "onnx")
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -47,9 +47,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "bench",
         help="time ours against torchvision (same weights, same inputs, one process)",
-        description="Inference (torchvision, ours, ours exact fast-path, ours fast), a "
-        "training step (batch 2), mask paste (100 masks), data loading and peak memory; "
-        "medians of alternating runs, ratios against torchvision.",
+        description="Inference (torchvision, ours, ours exact fast-path, ours fast; on a CPU "
+        "with torchao also int8), a training step (batch 2), mask paste (100 masks), data "
+        "loading and peak memory; medians of alternating runs, ratios against torchvision.",
     )
     p.add_argument("--size", type=_image_size, default="800x1088",
                    help="image size HxW (default 800x1088)")

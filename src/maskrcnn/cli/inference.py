@@ -46,12 +46,32 @@ def fast_from_args(args: argparse.Namespace) -> str | None:
     return args.fast_precision if args.fast else None
 
 
+def calibration_from_args(args: argparse.Namespace) -> list[Path] | None:
+    """``--fast --fast-precision int8``: up to ``--calibration-images`` files of
+    ``--calibration``, spread evenly over its sorted list; None otherwise."""
+    from maskrcnn.inference.files import find_images
+
+    if fast_from_args(args) != "int8":
+        return None
+    if args.calibration is None:
+        raise CommandError("--fast-precision int8 needs --calibration DIR: images like the ones "
+                           "to predict (a few dozen), to measure the activations' ranges", USAGE)
+    files, _ = find_images([args.calibration])
+    if not files:
+        raise CommandError(f"--calibration {args.calibration}: no images found there", USAGE)
+    n = args.calibration_images
+    if len(files) > n:
+        files = [files[round(i * (len(files) - 1) / max(1, n - 1))] for i in range(n)]
+    return files
+
+
 def load_predictor(
     args: argparse.Namespace, score_thresh: float, optimize: str | None = None
 ) -> Predictor:
     """The checkpoint's predictor; a CommandError says why it cannot be loaded."""
     from maskrcnn.engine.checkpoint import CheckpointError
     from maskrcnn.inference.predictor import Predictor
+    from maskrcnn.model.int8 import Int8Error
 
     try:
         return Predictor.from_checkpoint(
@@ -62,8 +82,9 @@ def load_predictor(
             optimize=optimize,
             tile=tile_from_args(args),
             max_detections=args.max_detections,
+            calibration=calibration_from_args(args) if optimize is not None else None,
         )
-    except (CheckpointError, ValueError) as err:
+    except (CheckpointError, ValueError, Int8Error) as err:
         raise CommandError(str(err)) from None
 
 
@@ -156,8 +177,18 @@ def _run_eval(args: argparse.Namespace) -> int:
     base = load_predictor(args, score_thresh=0.0)
     predictors = {"": base}
     if args.fast:  # the same weights, read once, on the fast path
+        from maskrcnn.data.image_input import to_float_image
+        from maskrcnn.model.int8 import Int8Error
+
+        files = calibration_from_args(args)
         fast = copy.copy(base)
-        fast.model = copy.deepcopy(base.model).optimize_for_inference(args.fast_precision)
+        try:
+            fast.model = copy.deepcopy(base.model).optimize_for_inference(
+                args.fast_precision,
+                calibration=None if files is None else [to_float_image(f) for f in files],
+            )
+        except (ValueError, Int8Error) as err:
+            raise CommandError(str(err)) from None
         predictors["fast"] = fast
     try:
         dataset = CocoDataset(args.data, args.images, search_subfolders=args.search_subfolders)
@@ -235,9 +266,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true",
                    help="fast inference path: frozen BatchNorm folded into the convolutions, "
                    "channels-last, reduced-precision autocast (see --fast-precision)")
-    p.add_argument("--fast-precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    p.add_argument("--fast-precision", choices=("auto", "fp32", "bf16", "fp16", "int8"),
+                   default="auto",
                    help="with --fast (default auto: bf16 on CPUs with native bf16, fp16 on "
-                   "CUDA, else fp32)")
+                   "CUDA, else fp32); int8 (CPU, torchao): the backbone and FPN in int8, "
+                   "calibrated on --calibration; each new input size compiles first (~20 s)")
+    p.add_argument("--calibration", metavar="DIR",
+                   help="with --fast-precision int8: images like the ones to predict")
+    p.add_argument("--calibration-images", type=positive_int, default=32, metavar="N",
+                   help="with --fast-precision int8: at most N images of --calibration, "
+                   "spread over them (default 32)")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

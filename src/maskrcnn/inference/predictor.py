@@ -123,9 +123,9 @@ class Predictor:
     merged across tiles and kept box-local), or None.
     ``class_names[label]`` names a label (index 0 is the background); ``label_to_cat_id``
     maps labels to COCO category ids. ``optimize``: None runs the model as it is
-    (torchvision's arithmetic); a precision (``auto``, ``fp32``, ``bf16``, ``fp16``)
-    switches it, in place, to the fast inference path of
-    :meth:`MaskRCNN.optimize_for_inference`.
+    (torchvision's arithmetic); a precision (``auto``, ``fp32``, ``bf16``, ``fp16``,
+    ``int8`` with ``calibration`` images) switches it, in place, to the fast inference path
+    of :meth:`MaskRCNN.optimize_for_inference`.
     """
 
     def __init__(
@@ -140,11 +140,13 @@ class Predictor:
         tta: TTAConfig | None = None,
         optimize: str | None = None,
         tile: TileConfig | None = None,
+        calibration: Sequence[ImageInput] | None = None,
     ) -> None:
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         if optimize is not None:
-            self.model.optimize_for_inference(optimize)
+            images = None if calibration is None else [to_float_image(c) for c in calibration]
+            self.model.optimize_for_inference(optimize, calibration=images)
         self.class_names = list(class_names) if class_names is not None else None
         self.label_to_cat_id = dict(label_to_cat_id) if label_to_cat_id is not None else None
         self.score_thresh = score_thresh
@@ -168,6 +170,7 @@ class Predictor:
         tta: TTAConfig | None = None,
         optimize: str | None = None,
         tile: TileConfig | None = None,
+        calibration: Sequence[ImageInput] | None = None,
     ) -> Predictor:
         """A predictor for a checkpoint written by the trainer (read with
         ``weights_only=True``); raises :class:`CheckpointError` if it is not one."""
@@ -183,6 +186,7 @@ class Predictor:
             tta=tta,
             optimize=optimize,
             tile=tile,
+            calibration=calibration,
         )
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +15,7 @@ from maskrcnn.model.fast import (
     default_fast_precision,
     fold_batchnorm,
 )
+from maskrcnn.model.int8 import quantize_backbone
 from maskrcnn.model.pooler import poolable
 from maskrcnn.model.postprocess import paste_masks
 from maskrcnn.model.preprocess import Preprocessor, scale_boxes
@@ -54,6 +56,7 @@ class MaskRCNN(nn.Module):
         self.rpn = RegionProposalNetwork(self.cfg)
         self.roi_heads = RoIHeads(self.cfg)
         self.inference_precision = "fp32"
+        self.autocast_precision = "fp32"  # of the float parts (all but an int8 backbone)
         self.channels_last = False
         self.optimized = False  # optimize_for_inference changed the weights for good
 
@@ -95,7 +98,7 @@ class MaskRCNN(nn.Module):
         x = batch.tensor
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.inference_precision, x.device):
+        with autocast(self.autocast_precision, x.device):
             features = self.backbone(x)
             proposals, _ = self.rpn(batch, list(features.values()))
             features = poolable(features)  # converted once, for boxes and masks
@@ -111,21 +114,32 @@ class MaskRCNN(nn.Module):
         """The second stage of :meth:`predict`: (sum N_i, 1, 28, 28) box-relative mask
         probabilities of ``boxes`` (per image, resized pixels) on ``features`` from
         :meth:`detect_boxes`, each of its class in ``labels`` (sum N_i,)."""
-        with autocast(self.inference_precision, labels.device):
+        with autocast(self.autocast_precision, labels.device):
             return self.roi_heads.mask_logits(features, boxes, image_sizes, labels).sigmoid()
 
     def optimize_for_inference(
-        self, precision: str = "auto", channels_last: bool = True
+        self, precision: str = "auto", channels_last: bool = True,
+        calibration: Sequence[Tensor] | None = None,
     ) -> MaskRCNN:
         """Switch this model, in place, to the fast inference path: frozen BatchNorm folded
         into the convolutions (the model can no longer be trained or saved in torchvision's
         layout), channels-last memory layout, and autocast in ``precision`` (``auto``: bf16
         on a CPU with native bf16, fp16 on CUDA, else fp32; ``fp32`` keeps full precision).
-        Boxes, masks and scores stay float32; decoding and post-processing run in float32."""
+        ``int8`` (CPU, needs torchao): the backbone and FPN quantized to int8 with activation
+        ranges observed on ``calibration`` (images (3, H, W) float in [0, 1], as ``predict``
+        takes them; a few dozen like the data), the rest as ``auto`` on the CPU; see
+        ``maskrcnn.model.int8``. Boxes, masks and scores stay float32; decoding and
+        post-processing run in float32."""
+        device = next(self.parameters()).device
         if precision == "auto":
-            precision = default_fast_precision(next(self.parameters()).device)
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+            precision = default_fast_precision(device)
+        if precision not in ("fp32", "bf16", "fp16", "int8"):
+            raise ValueError(
+                f"precision must be auto, fp32, bf16, fp16 or int8, got {precision!r}"
+            )
+        if precision == "int8" and (device.type != "cpu" or not calibration):
+            raise ValueError("int8 runs on the CPU and needs calibration images "
+                             "(optimize_for_inference('int8', calibration=[...]))")
         if self.optimized:
             if (precision, channels_last) == (self.inference_precision, self.channels_last):
                 return self
@@ -135,14 +149,23 @@ class MaskRCNN(nn.Module):
                 "(copy.deepcopy before the first call)"
             )
         self.optimized = True
+        self.eval()
         fold_batchnorm(self)  # the backbone's norms, and in v2 those of the FPN and heads
-        if precision != "fp32":
-            cast_autocast_weights(self, DTYPES[precision])
+        floats = precision
+        if precision == "int8":
+            assert calibration is not None
+            batches = [self.preprocess([check_images([im])[0].to(device)], None,
+                                       training=False)[0].tensor for im in calibration]
+            # Same call and outputs as the float backbone (training is refused from here on).
+            self.backbone = quantize_backbone(self.backbone, batches)  # type: ignore[assignment]
+            floats = default_fast_precision(device)
+        if floats != "fp32":
+            cast_autocast_weights(self, DTYPES[floats])
         self.inference_precision = precision
+        self.autocast_precision = floats
         self.channels_last = channels_last
         if channels_last:
             self.to(memory_format=torch.channels_last)
-        self.eval()
         return self
 
     def train(self, mode: bool = True) -> MaskRCNN:

@@ -1,0 +1,114 @@
+"""int8 inference (backbone and FPN quantized with torchao's PT2E flow): a trained model's
+detections stay those of exact mode, each input size compiles once, the weights and the
+rest of the model are left alone, and the errors say what is missing."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from maskrcnn.cli.main import main
+from maskrcnn.data.coco import CocoDataset
+from maskrcnn.data.image_input import to_float_image
+from maskrcnn.engine.build import model_from_checkpoint
+from maskrcnn.model.int8 import Int8Backbone
+from maskrcnn.model.mask_rcnn import MaskRCNN
+
+pytest.importorskip("torchao")
+
+
+def _val_images(run: Path) -> list[torch.Tensor]:
+    data = CocoDataset(str(run / "data" / "val.json"), str(run / "data"))
+    return [to_float_image(torch.Tensor(data[k][0])) for k in range(len(data))]
+
+
+@pytest.fixture(scope="module")
+def models(trained_tiny: Path) -> tuple[MaskRCNN, MaskRCNN, list[torch.Tensor]]:
+    exact = model_from_checkpoint(trained_tiny / "last.pth").model.eval()
+    images = _val_images(trained_tiny)
+    int8 = copy.deepcopy(exact).optimize_for_inference("int8", calibration=images[:2])
+    return exact, int8, images
+
+
+def test_int8_finds_what_exact_mode_finds(
+    models: tuple[MaskRCNN, MaskRCNN, list[torch.Tensor]],
+) -> None:
+    exact, int8, images = models
+    assert isinstance(int8.backbone, Int8Backbone)
+    found, total, mask_ious = 0, 0, []
+    with torch.inference_mode():
+        for image in images:
+            a, b = exact([image])[0], int8([image])[0]
+            keep = a["scores"] >= 0.3
+            total += int(keep.sum())
+            if not keep.any() or len(b["boxes"]) == 0:
+                continue
+            iou = box_iou(a["boxes"][keep], b["boxes"])
+            iou[a["labels"][keep][:, None] != b["labels"][None, :]] = 0
+            best, idx = iou.max(1)
+            found += int((best >= 0.8).sum())
+            ma = a["masks"][keep][:, 0] > 0.5
+            mb = b["masks"][idx][:, 0] > 0.5
+            inter = (ma & mb).flatten(1).sum(1).float()
+            union = (ma | mb).flatten(1).sum(1).float().clamp(min=1)
+            mask_ious += (inter / union).tolist()
+    assert total >= 4
+    # Each confident exact detection has an int8 one of its class over the same object.
+    assert found / total >= 0.9, (found, total)
+    assert sum(mask_ious) / len(mask_ious) >= 0.8
+
+
+def test_each_input_size_compiles_once_and_the_weights_stay_float(
+    models: tuple[MaskRCNN, MaskRCNN, list[torch.Tensor]],
+) -> None:
+    exact, int8, images = models
+    backbone = int8.backbone
+    assert isinstance(backbone, Int8Backbone)
+    with torch.inference_mode():
+        int8([images[0]])
+        int8([images[1]])  # the same size: no new compilation
+        sizes = set(backbone.compiled)
+        int8([images[0], images[1]])  # a batch of two: a new size
+    assert len(sizes) == 1 and len(backbone.compiled) == 2
+    # The int8 graph is no submodule: the state dict is the float heads', unchanged in keys.
+    keys = set(int8.state_dict())
+    assert not any(k.startswith("backbone.") for k in keys)
+    assert keys == {k for k in exact.state_dict() if not k.startswith("backbone.")}
+    with pytest.raises(ValueError, match="fast inference path"):
+        int8.train()
+
+
+def test_a_size_the_graph_cannot_take_runs_in_float_with_a_warning(
+    models: tuple[MaskRCNN, MaskRCNN, list[torch.Tensor]],
+) -> None:
+    exact, int8, images = models
+    # 64 x 96 stays 64 x 96 (max_size 96): its smallest feature level is one pixel high.
+    small = torch.nn.functional.interpolate(images[0][None], size=(64, 96))[0]
+    with torch.inference_mode(), pytest.warns(UserWarning, match="runs in float"):
+        got = int8([small])[0]
+    # The float backbone, then the heads as in the fast path.
+    fast = copy.deepcopy(exact).optimize_for_inference(int8.autocast_precision)
+    with torch.inference_mode():
+        want = fast([small])[0]
+    assert len(got["boxes"]) == len(want["boxes"]) > 0
+    torch.testing.assert_close(got["boxes"], want["boxes"], atol=0.5, rtol=0)
+
+
+def test_int8_needs_calibration_images(trained_tiny: Path) -> None:
+    model = model_from_checkpoint(trained_tiny / "last.pth").model
+    with pytest.raises(ValueError, match="calibration"):
+        model.optimize_for_inference("int8")
+    assert not model.optimized  # nothing changed
+
+
+def test_cli_int8_without_calibration_is_a_usage_error(
+    trained_tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["predict", str(trained_tiny / "last.pth"), str(trained_tiny / "data" / "val"),
+            "--out", str(tmp_path / "o"), "--fast", "--fast-precision", "int8"]
+    assert main(argv) == 2
+    assert "--calibration DIR" in capsys.readouterr().err
