@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -14,22 +11,11 @@ from torch import nn
 from torchvision.models.detection import MaskRCNN as TVMaskRCNN
 from torchvision.ops import FrozenBatchNorm2d
 
+from bench_scripts import load_benchmark
 from maskrcnn import MaskRCNN, ModelConfig
 from maskrcnn.data.synthetic import make_synthetic_coco
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy.py"
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_accuracy", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_accuracy"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-accuracy = _load()
+accuracy = load_benchmark("accuracy")
 SMALL = {"min_size": 96, "max_size": 128, "box_score_thresh": 0.0, "num_classes": 4}
 
 

@@ -3,25 +3,16 @@ tile border, on hand-made predictions."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 from pycocotools import mask as mask_utils
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "large_image.py"
+from bench_scripts import load_benchmark
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_large_image", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_large_image"] = module
-    spec.loader.exec_module(module)
-    return module
+def _load() -> Any:
+    return load_benchmark("large_image")
 
 
 def _rle(x0: int, y0: int, x1: int, y1: int) -> dict[str, Any]:
