@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -42,12 +43,18 @@ class Int8Error(RuntimeError):
 
 def require_torchao() -> Any:
     """torchao's PT2E quantization module, or an :class:`Int8Error` saying how to get it."""
+    # torchao's import logs a deprecation notice of torch's (an Enum registered as a constant).
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)
     try:
         import torchao.quantization.pt2e.quantize_pt2e as pt2e
     except ImportError:
         raise Int8Error(
             "int8 inference needs torchao: pip install 'maskrcnn[int8]' (torchao 0.18)"
         ) from None
+    finally:
+        pytree_log.setLevel(level)
     return pt2e
 
 
@@ -109,7 +116,9 @@ class Int8Backbone(nn.Module):
         key = tuple(x.shape)
         # Freezing turns the weights into constants, which the int8 convolutions are
         # packed from; it has to be on when a size compiles (at its first call).
-        with _quiet(), inductor_config.patch(freezing=True):
+        # The graph sets its own precision: autocast of the surrounding heads stays outside.
+        with _quiet(), inductor_config.patch(freezing=True), torch.autocast(x.device.type,
+                                                                            enabled=False):
             run = self.compiled.get(key)
             if run is None:  # oneDNN's int8 convolutions are compiled for one input size
                 run = self._compile(x)
