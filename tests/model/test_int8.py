@@ -4,13 +4,17 @@ rest of the model are left alone, and the errors say what is missing."""
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from torchvision.ops import box_iou
 
+from maskrcnn.cli.inference import calibration_from_args
 from maskrcnn.cli.main import main
 from maskrcnn.data.coco import CocoDataset
 from maskrcnn.data.image_input import to_float_image
@@ -108,7 +112,24 @@ def test_int8_needs_calibration_images(trained_tiny: Path) -> None:
 def test_cli_int8_without_calibration_is_a_usage_error(
     trained_tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["predict", str(trained_tiny / "last.pth"), str(trained_tiny / "data" / "val"),
+    alone = tmp_path / "model.pth"  # no calibration.json beside it
+    shutil.copy(trained_tiny / "last.pth", alone)
+    argv = ["predict", str(alone), str(trained_tiny / "data" / "val"),
             "--out", str(tmp_path / "o"), "--fast", "--fast-precision", "int8"]
     assert main(argv) == 2
     assert "--calibration DIR" in capsys.readouterr().err
+
+
+def test_a_run_lists_training_images_that_int8_calibrates_on_by_default(
+    trained_tiny: Path,
+) -> None:
+    listed = json.loads((trained_tiny / "calibration.json").read_text())["images"]
+    train = {str(p.resolve()) for p in (trained_tiny / "data" / "train").glob("*.png")}
+    assert len(listed) == len(train) == 12 and set(listed) == train  # 12 < 32: all of them
+    args = argparse.Namespace(fast=True, fast_precision="int8", calibration=None,
+                              calibration_images=5, checkpoint=str(trained_tiny / "last.pth"))
+    picked = calibration_from_args(args)
+    assert picked is not None and len(picked) == 5
+    assert [str(p) for p in picked] == [listed[k] for k in (0, 3, 6, 8, 11)]  # spread out
+    args.fast_precision = "bf16"
+    assert calibration_from_args(args) is None

@@ -48,17 +48,27 @@ def fast_from_args(args: argparse.Namespace) -> str | None:
 
 def calibration_from_args(args: argparse.Namespace) -> list[Path] | None:
     """``--fast --fast-precision int8``: up to ``--calibration-images`` files of
-    ``--calibration``, spread evenly over its sorted list; None otherwise."""
+    ``--calibration``, spread evenly over its sorted list, or else the training images the
+    run listed beside its checkpoint (``calibration.json``); None without int8."""
+    import json
+
     from maskrcnn.inference.files import find_images
 
     if fast_from_args(args) != "int8":
         return None
-    if args.calibration is None:
+    listed = Path(args.checkpoint).parent / "calibration.json"
+    if args.calibration is not None:
+        files, _ = find_images([args.calibration])
+        where = f"--calibration {args.calibration}"
+    elif listed.is_file():
+        files = [Path(f) for f in json.loads(listed.read_text()).get("images", [])
+                 if Path(f).is_file()]
+        where = f"{listed} (the training images of the run)"
+    else:
         raise CommandError("--fast-precision int8 needs --calibration DIR: images like the ones "
                            "to predict (a few dozen), to measure the activations' ranges", USAGE)
-    files, _ = find_images([args.calibration])
     if not files:
-        raise CommandError(f"--calibration {args.calibration}: no images found there", USAGE)
+        raise CommandError(f"{where}: no images found there", USAGE)
     n = args.calibration_images
     if len(files) > n:
         files = [files[round(i * (len(files) - 1) / max(1, n - 1))] for i in range(n)]
@@ -272,7 +282,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "CUDA, else fp32); int8 (CPU, torchao): the backbone and FPN in int8, "
                    "calibrated on --calibration; each new input size compiles first (~20 s)")
     p.add_argument("--calibration", metavar="DIR",
-                   help="with --fast-precision int8: images like the ones to predict")
+                   help="with --fast-precision int8: images like the ones to predict (default: "
+                   "the training images listed in calibration.json beside the checkpoint)")
     p.add_argument("--calibration-images", type=positive_int, default=32, metavar="N",
                    help="with --fast-precision int8: at most N images of --calibration, "
                    "spread over them (default 32)")

@@ -53,6 +53,22 @@ from maskrcnn.model.norms import sync_batchnorm
 from maskrcnn.utils.precision import autocast, grad_scaler, resolve_precision
 
 log = logging.getLogger("maskrcnn")
+CALIBRATION_FILE = "calibration.json"  # training images for int8 calibration (see below)
+CALIBRATION_IMAGES = 32
+
+
+def write_calibration_list(dataset: Any, path: Path, count: int = CALIBRATION_IMAGES) -> None:
+    """``{"images": [...]}``: up to ``count`` training images, spread over the set, as
+    absolute paths: what ``--fast-precision int8`` calibrates on when no ``--calibration``
+    folder is given."""
+    n = len(dataset)
+    picks = (range(n) if n <= count
+             else sorted({round(i * (n - 1) / max(1, count - 1)) for i in range(count)}))
+    files = []
+    for k in picks:
+        with contextlib.suppress(DatasetError):
+            files.append(str(dataset.image_path(k).resolve()))
+    path.write_text(json.dumps({"images": files}, indent=1))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -362,6 +378,7 @@ class Trainer:
             plot_ap(records, self.out / "ap_curve.png")
         if self.last_metrics:
             (self.out / "metrics.json").write_text(json.dumps(self.last_metrics, indent=2))
+        write_calibration_list(self.train_set, self.out / CALIBRATION_FILE)
         self.logger.close()
 
     def state(self) -> dict[str, Any]:
