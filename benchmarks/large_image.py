@@ -7,7 +7,7 @@ model was trained on at 256 px) are laid out on one canvas of ``--side`` pixels,
 in its own process (so that its peak memory is its own) and is scored with pycocotools,
 each mosaic cell an image of its own (a prediction belongs to the cell holding its box's
 centre; one 20,000 px image with 15,000 objects is beyond pycocotools' per-image matching),
-with up to 5,000 detections a cell:
+with up to ``--max-dets`` detections on the canvas (5,000 by default):
 
 - ``whole``: the image resized to the model's input size (what a plain predictor does; its
   masks pasted over their boxes, as the whole-image pass of sliced prediction does: the
@@ -252,7 +252,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     for r in results:
         r["image_id"] = cell_of(r["bbox"], args.side, args.stride)
     grid = tile_windows(args.side, args.side, args.tile, args.overlap)
-    edges = sorted({w[0] for w in grid} | {w[2] for w in grid} - {0, args.side})
+    edges = sorted(({w[0] for w in grid} | {w[2] for w in grid}) - {0, args.side})
     return {"variant": args.variant, "seconds": seconds, "detections": len(results),
             "peak_mib": peak / 1024, "before_mib": before / 1024,
             **scores(truth, results, args.max_dets, edges)}
@@ -282,6 +282,8 @@ def main() -> None:
     parser.add_argument("--variant", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help="write results.json there")
     args = parser.parse_args()
+    if args.stride < args.cell:
+        parser.error("--stride must be at least --cell: the cells are scored as images")
     args.images = args.images or args.val_json.parent
     if args.variant is not None:
         print(json.dumps(run_variant(args)))

@@ -143,13 +143,41 @@ def test_a_piece_goes_when_inside_a_larger_detection_seen_whole_or_scoring_highe
     masks = LocalMasks([big[0], small[0]], torch.stack([big[1], small[1]]), (50, 50))
     boxes = torch.tensor([[0.0, 0, 40, 40], [10.0, 10, 20, 20]])
 
-    def kept(scores: list[float], pieces: list[bool]) -> list[int]:
-        return without_pieces_inside(masks, boxes, torch.tensor(scores), pieces)
+    def kept(scores: list[float], pieces: list[bool], labels: tuple[int, int] = (1, 1)
+             ) -> list[int]:
+        return without_pieces_inside(masks, boxes, torch.tensor(scores),
+                                     torch.tensor(labels), pieces)
 
     assert kept([0.5, 0.9], [False, True]) == [0]   # inside a whole one: gone
     assert kept([0.9, 0.5], [True, True]) == [0]    # inside a better-scored union of pieces
     assert kept([0.4, 0.5], [True, True]) == [0, 1]  # a weaker union of pieces: kept
     assert kept([0.9, 0.5], [True, False]) == [0, 1]  # seen whole: never a piece
+    # A whole detection of another class takes the piece only if it scores half as much.
+    assert kept([0.5, 0.9], [False, True], (1, 2)) == [0]
+    assert kept([0.06, 0.9], [False, True], (1, 2)) == [0, 1]
+
+
+def test_merging_can_drop_every_detection_and_keeps_thin_objects() -> None:
+    windows = [(0, 0, 128, 100), (72, 0, 200, 100)]
+    # Only a box with 3 pixels of mask at a tile edge: nothing is left.
+    crop, origin = _box_mask([10, 70, 128, 100], 3)
+    c = Candidates(Detections(torch.tensor([[10.0, 70, 128, 100]]), torch.tensor([0.8]),
+                              torch.tensor([1])),
+                   LocalMasks([crop], origin[None], (100, 200)), torch.tensor([0]),
+                   torch.tensor([True]), windows, None)
+    dets, out = merge(c, 0.5)
+    assert len(dets.scores) == 0 and len(out) == 0
+    # A thin diagonal object cut by the tile: 3 % of its box, but 360 pixels: kept.
+    diagonal = torch.zeros((90, 118), dtype=torch.bool)
+    for k in range(90):
+        diagonal[k, k : k + 4] = True
+    c = Candidates(Detections(torch.tensor([[10.0, 5, 128, 95]]), torch.tensor([0.8]),
+                              torch.tensor([1])),
+                   LocalMasks([diagonal], torch.tensor([[10, 5]]), (100, 200)),
+                   torch.tensor([0]), torch.tensor([True]), windows, None)
+    dets, out = merge(c, 0.5)
+    assert int(diagonal.sum()) == 360 and 360 < 0.05 * 118 * 90
+    assert len(dets.scores) == 1 and int(out.crops[0].sum()) == 360
 
 
 def test_a_whole_image_pass_finds_an_object_no_tile_sees_and_adds_no_duplicate() -> None:

@@ -49,7 +49,7 @@ def test_optimize_for_inference_switches_mode() -> None:
     assert isinstance(model.backbone.body["bn1"], nn.Identity) and conv.bias is not None
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="precision"):
-        model.optimize_for_inference("int8")
+        model.optimize_for_inference("int4")
     assert model.optimize_for_inference("fp32") is model  # the same switch again: nothing
     with pytest.raises(ValueError, match="already optimized for fp32"):
         model.optimize_for_inference("bf16")

@@ -56,11 +56,14 @@ def calibration_from_args(args: argparse.Namespace) -> list[Path] | None:
 
     if fast_from_args(args) != "int8":
         return None
-    listed = Path(args.checkpoint).parent / "calibration.json"
+    from maskrcnn.engine.trainer import CALIBRATION_FILE
+
+    checkpoint = Path(args.checkpoint)
+    listed = checkpoint.parent / CALIBRATION_FILE
     if args.calibration is not None:
         files, _ = find_images([args.calibration])
         where = f"--calibration {args.calibration}"
-    elif listed.is_file():
+    elif checkpoint.is_file() and listed.is_file():  # not for a weights name (coco)
         files = [Path(f) for f in json.loads(listed.read_text()).get("images", [])
                  if Path(f).is_file()]
         where = f"{listed} (the training images of the run)"
@@ -86,7 +89,8 @@ def load_predictor(
     try:
         return Predictor.from_checkpoint(
             args.checkpoint,
-            device=args.device,
+            # int8 runs on the CPU, whatever GPU the machine has.
+            device=args.device or ("cpu" if optimize == "int8" else None),
             score_thresh=score_thresh,
             tta=tta_from_args(args),
             optimize=optimize,
@@ -187,13 +191,18 @@ def _run_eval(args: argparse.Namespace) -> int:
     base = load_predictor(args, score_thresh=0.0)
     predictors = {"": base}
     if args.fast:  # the same weights, read once, on the fast path
+        import torch
+
         from maskrcnn.data.image_input import to_float_image
         from maskrcnn.model.int8 import Int8Error
 
         files = calibration_from_args(args)
         fast = copy.copy(base)
+        model = copy.deepcopy(base.model)
+        if files is not None and args.device is None:  # int8 runs on the CPU
+            fast.device, model = torch.device("cpu"), model.cpu()
         try:
-            fast.model = copy.deepcopy(base.model).optimize_for_inference(
+            fast.model = model.optimize_for_inference(
                 args.fast_precision,
                 calibration=None if files is None else [to_float_image(f) for f in files],
             )

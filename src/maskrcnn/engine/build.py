@@ -114,7 +114,7 @@ def class_loss_weights(weights: dict[str, float], class_names: list[str]) -> tor
     """``model.class_loss_weights`` (class name -> weight; names case-insensitive,
     "background" the background) as one weight per label, 1.0 for the classes not named."""
     index = {name.lower(): label for label, name in enumerate(class_names)}
-    index["background"] = 0
+    index.setdefault("background", 0)  # unless a class of the dataset has that name
     out = torch.ones(len(class_names))
     for name, weight in weights.items():
         if name.lower() not in index:

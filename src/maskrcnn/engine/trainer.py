@@ -96,7 +96,7 @@ class Trainer:
         if not resume and not cfg.run.overwrite:
             refuse_to_replace(self.out)
         if not resume and cfg.run.overwrite and self.dist.is_main:
-            for name in ("last.pth", "best.pth", "metrics.json"):  # the replaced run's
+            for name in ("last.pth", "best.pth", "metrics.json", CALIBRATION_FILE):  # the old run's
                 (self.out / name).unlink(missing_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = device_for(self.dist, cfg.run.device)

@@ -15,7 +15,8 @@ Flow, per image::
         one, tiles before the whole pass; if every member is cut, the masks are united and
         the best score taken
     pieces (all members cut) go when (next to) empty or mostly inside a larger detection
-        of any class, seen whole or scoring higher; then a mask NMS per class; best first
+        of any class, seen whole or scoring at least as high; then a mask NMS per class;
+        best first
         (the Predictor keeps at most max_detections)
 
 The IoU inside the common area is the test of "the same object": two tiles saw the same
@@ -40,9 +41,14 @@ from maskrcnn.structures.local_masks import LocalMasks
 from maskrcnn.utils.malloc import release_freed_memory
 
 PIECE_INSIDE = 0.8  # a lower-scored detection this much inside a better one is a piece of it
-# A cut detection whose mask fills less than this of its box is dropped: a box the model put
-# on the few pixels of an object beyond the tile's edge, with (next to) no mask.
-EMPTY_PIECE = 0.05
+# A cut detection whose mask spans less than EMPTY_PIECE of its box (the extent of its
+# pixels against the box's area) is dropped: a box the model put on the few pixels of an
+# object beyond the tile's edge, with next to no mask in it. (A thin diagonal object, a
+# cable or a crack, fills little of its box too, but spans all of it.)
+EMPTY_PIECE = 0.25
+# A piece goes inside a larger whole detection of another class only if that one scores at
+# least this fraction of the piece's score (a weak, large detection must not erase objects).
+OTHER_CLASS_SCORE = 0.5
 TRIM_EVERY = 4  # batches of tiles between two trims of the heap (see release_freed_memory)
 Window = tuple[int, int, int, int]  # x0, y0, x1, y1 (ends exclusive)
 # images (3, h, w) float in [0, 1] -> per image detections in its pixels and their masks
@@ -403,7 +409,9 @@ def merge(c: Candidates, match_iou: float) -> tuple[Detections, LocalMasks]:
         return c.dets, c.masks
     masks = LocalMasks(crops, torch.stack(origins), c.masks.image_size)
     keep = torch.tensor(without_pieces_inside(masks, torch.stack(boxes), torch.stack(scores),
-                                             pieces))
+                                             torch.stack(labels), pieces), dtype=torch.int64)
+    if keep.numel() == 0:
+        return c.dets.select(keep), c.masks.select(keep)
     order = keep[torch.stack(scores)[keep].argsort(descending=True, stable=True)]
     order = order[mask_nms(masks.select(order), torch.stack(boxes)[order],
                            torch.stack(labels)[order], match_iou)]
@@ -442,15 +450,25 @@ def mask_nms(masks: LocalMasks, boxes: Tensor, labels: Tensor, iou_thresh: float
     return torch.where(~removed)[0]
 
 
-def without_pieces_inside(masks: LocalMasks, boxes: Tensor, scores: Tensor,
+def _extent(crop: Tensor) -> int:
+    """The area of the bounding rectangle of a crop's pixels (0 when it has none)."""
+    rows = torch.where(crop.any(1))[0]
+    cols = torch.where(crop.any(0))[0]
+    if rows.numel() == 0:
+        return 0
+    return int(rows[-1] - rows[0] + 1) * int(cols[-1] - cols[0] + 1)
+
+
+def without_pieces_inside(masks: LocalMasks, boxes: Tensor, scores: Tensor, labels: Tensor,
                           pieces: list[bool], inside: float = 0.5) -> list[int]:
     """Indices of the merged detections to keep: all but the pieces (every member cut by a
-    tile edge) whose mask is (next to) empty (:data:`EMPTY_PIECE`) or lies mostly
-    (``inside`` of its area) within a larger detection of any class, seen whole or
-    scoring at least as high. Such a piece is a tile's partial detection of an object that
-    tile cut (often of another class: a sliver of a circle looks like anything), which
-    matched no other tile because the object's detection there had already been taken, or
-    because no tile saw the object whole and its other pieces were united."""
+    tile edge) whose mask spans next to nothing of its box (:data:`EMPTY_PIECE`) or lies mostly
+    (``inside`` of its area) within a larger detection that scores at least as high, or
+    that some tile saw whole (of its class, or of another class scoring at least
+    :data:`OTHER_CLASS_SCORE` of its score). Such a piece is a tile's partial detection of
+    an object that tile cut (often of another class: a sliver of a circle looks like
+    anything), which matched no other tile because the object's detection there had already
+    been taken, or because no tile saw the object whole and its other pieces were united."""
     areas = masks.areas()
     sizes = torch.tensor([[c.shape[1], c.shape[0]] for c in masks.crops],
                          dtype=torch.int64).reshape(-1, 2)
@@ -461,12 +479,15 @@ def without_pieces_inside(masks: LocalMasks, boxes: Tensor, scores: Tensor,
     whole = torch.tensor([not p for p in pieces])
     keep = []
     for k, piece in enumerate(pieces):
-        if piece and areas[k] < EMPTY_PIECE * float(boxes[k, 2:].sub(boxes[k, :2]).prod()):
+        if piece and _extent(masks.crops[k]) < EMPTY_PIECE * float(
+                boxes[k, 2:].sub(boxes[k, :2]).prod()):
             continue
         if piece:
             # Larger detections (the earlier one of two equal) whose crops meet its crop.
             larger = (areas > areas[k]) | ((areas == areas[k]) & (index < k))
-            near = torch.where(larger & (whole | (scores >= scores[k]))
+            seen_whole = whole & ((labels == labels[k])
+                                  | (scores >= OTHER_CLASS_SCORE * scores[k]))
+            near = torch.where(larger & (seen_whole | (scores >= scores[k]))
                                & _meets(extents, extents[k]))[0].tolist()
             crop_k = (masks.crops[k], (int(lo[k, 0]), int(lo[k, 1])))
             if any(_intersection(crop_k, (masks.crops[j], (int(lo[j, 0]), int(lo[j, 1]))),

@@ -29,12 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-import torch._inductor.config as inductor_config
 from torch import Tensor, nn
-
-# Distinct input sizes compiled before dynamo gives up and runs the graph uncompiled (slow):
-# one per (batch, height, width) the model meets.
-MAX_SIZES = 64
 
 
 class Int8Error(RuntimeError):
@@ -49,9 +44,10 @@ def require_torchao() -> Any:
     pytree_log.setLevel(logging.ERROR)
     try:
         import torchao.quantization.pt2e.quantize_pt2e as pt2e
-    except ImportError:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+    except ImportError as err:
         raise Int8Error(
-            "int8 inference needs torchao: pip install 'maskrcnn[int8]' (torchao 0.18)"
+            f"int8 inference needs torchao 0.18 ({err}): pip install 'maskrcnn[int8]'"
         ) from None
     finally:
         pytree_log.setLevel(level)
@@ -112,6 +108,11 @@ class Int8Backbone(nn.Module):
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        import torch._inductor.config as inductor_config
+
+        if x.device.type != "cpu":
+            raise RuntimeError(f"the int8 backbone runs on the CPU; its input is on {x.device} "
+                               "(an int8 model stays on the CPU)")
         x = x.float().contiguous(memory_format=torch.channels_last)
         key = tuple(x.shape)
         # Freezing turns the weights into constants, which the int8 convolutions are
@@ -120,10 +121,19 @@ class Int8Backbone(nn.Module):
         with _quiet(), inductor_config.patch(freezing=True), torch.autocast(x.device.type,
                                                                             enabled=False):
             run = self.compiled.get(key)
-            if run is None:  # oneDNN's int8 convolutions are compiled for one input size
-                run = self._compile(x)
-                self.compiled[key] = run
-            return OrderedDict(run(x))
+            if run is not None:
+                return OrderedDict(run(x))
+            # oneDNN's int8 convolutions are compiled for one input size, at its first call.
+            run = self._compile(x)
+            try:
+                out = run(x)
+            except Exception as err:  # inductor: no C++ compiler, an op it cannot lower, ...
+                warnings.warn(f"int8: compiling for input size {key} failed ({err}); that "
+                              "size runs in float instead", stacklevel=2)
+                run = self.fallback
+                out = run(x)
+            self.compiled[key] = run
+            return OrderedDict(out)
 
     def _compile(self, x: Tensor) -> Callable[[Tensor], Any]:
         try:
@@ -164,5 +174,15 @@ def quantize_backbone(backbone: nn.Module, calibration: Iterable[Tensor]) -> Int
         for batch in batches:
             prepared(batch)
         converted = pt2e.convert_pt2e(prepared)
-    fallback = copy.deepcopy(backbone).float().eval()
-    return Int8Backbone(converted, fallback, int(getattr(backbone, "out_channels", 256)))
+    net = Int8Backbone(converted, copy.deepcopy(backbone).float().eval(),
+                       int(getattr(backbone, "out_channels", 256)))
+    # The first size compiles now (the calibration images' first size, usually the data's):
+    # a failure to compile shows here rather than on the first image to predict.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net(batches[0])
+    if net.compiled[tuple(batches[0].shape)] is net.fallback:
+        why = "; ".join(str(w.message) for w in caught if "int8" in str(w.message))
+        raise Int8Error(f"the quantized backbone does not compile: {why}")
+    return net
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -15,7 +16,6 @@ from maskrcnn.model.fast import (
     default_fast_precision,
     fold_batchnorm,
 )
-from maskrcnn.model.int8 import quantize_backbone
 from maskrcnn.model.pooler import poolable
 from maskrcnn.model.postprocess import paste_masks
 from maskrcnn.model.preprocess import Preprocessor, scale_boxes
@@ -137,9 +137,6 @@ class MaskRCNN(nn.Module):
             raise ValueError(
                 f"precision must be auto, fp32, bf16, fp16 or int8, got {precision!r}"
             )
-        if precision == "int8" and (device.type != "cpu" or not calibration):
-            raise ValueError("int8 runs on the CPU and needs calibration images "
-                             "(optimize_for_inference('int8', calibration=[...]))")
         if self.optimized:
             if (precision, channels_last) == (self.inference_precision, self.channels_last):
                 return self
@@ -148,16 +145,31 @@ class MaskRCNN(nn.Module):
                 "were changed in place; optimize a copy of the original model instead "
                 "(copy.deepcopy before the first call)"
             )
+        int8_backbone = None
+        if precision == "int8":
+            # Everything that can fail happens before the model changes.
+            if device.type != "cpu":
+                raise ValueError(f"int8 runs on the CPU; this model is on {device}")
+            if not calibration:
+                raise ValueError("int8 needs calibration images: "
+                                 "optimize_for_inference('int8', calibration=[...])")
+            from maskrcnn.model.int8 import quantize_backbone
+
+            was_training = self.training
+            self.eval()
+            batches = [self.preprocess([check_images([im])[0].to(device)], None,
+                                       training=False)[0].tensor for im in calibration]
+            folded = copy.deepcopy(self.backbone)
+            fold_batchnorm(folded)
+            self.train(was_training)
+            int8_backbone = quantize_backbone(folded, batches)
         self.optimized = True
         self.eval()
         fold_batchnorm(self)  # the backbone's norms, and in v2 those of the FPN and heads
         floats = precision
-        if precision == "int8":
-            assert calibration is not None
-            batches = [self.preprocess([check_images([im])[0].to(device)], None,
-                                       training=False)[0].tensor for im in calibration]
+        if int8_backbone is not None:
             # Same call and outputs as the float backbone (training is refused from here on).
-            self.backbone = quantize_backbone(self.backbone, batches)  # type: ignore[assignment]
+            self.backbone = int8_backbone  # type: ignore[assignment]
             floats = default_fast_precision(device)
         if floats != "fp32":
             cast_autocast_weights(self, DTYPES[floats])
