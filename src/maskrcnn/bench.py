@@ -193,8 +193,8 @@ def bench_int8(
     except Int8Error as err:
         return {"skipped": str(err)}
     quantize_s = time.perf_counter() - start
-    fast = copy.deepcopy(ours).optimize_for_inference(fast_precision)
-    exact = copy.deepcopy(ours).optimize_for_inference("fp32")
+    fast = contender("ours_fast", ours, theirs, fast_precision)
+    exact = contender("ours_exact", ours, theirs, fast_precision)
     with torch.inference_mode():
         start = time.perf_counter()
         int8(image)

@@ -56,7 +56,7 @@ def calibration_from_args(args: argparse.Namespace) -> list[Path] | None:
 
     if fast_from_args(args) != "int8":
         return None
-    from maskrcnn.engine.trainer import CALIBRATION_FILE
+    from maskrcnn.engine.trainer import CALIBRATION_FILE, spread
 
     checkpoint = Path(args.checkpoint)
     listed = checkpoint.parent / CALIBRATION_FILE
@@ -72,10 +72,7 @@ def calibration_from_args(args: argparse.Namespace) -> list[Path] | None:
                            "to predict (a few dozen), to measure the activations' ranges", USAGE)
     if not files:
         raise CommandError(f"{where}: no images found there", USAGE)
-    n = args.calibration_images
-    if len(files) > n:
-        files = [files[round(i * (len(files) - 1) / max(1, n - 1))] for i in range(n)]
-    return files
+    return [files[k] for k in spread(len(files), args.calibration_images)]
 
 
 def load_predictor(

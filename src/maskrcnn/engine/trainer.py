@@ -57,15 +57,20 @@ CALIBRATION_FILE = "calibration.json"  # training images for int8 calibration (s
 CALIBRATION_IMAGES = 32
 
 
+def spread(n: int, count: int) -> list[int]:
+    """``count`` indices of ``range(n)`` evenly spread from first to last (all when
+    ``n <= count``), increasing and distinct."""
+    if n <= count:
+        return list(range(n))
+    return [round(i * (n - 1) / max(1, count - 1)) for i in range(count)]
+
+
 def write_calibration_list(dataset: Any, path: Path, count: int = CALIBRATION_IMAGES) -> None:
     """``{"images": [...]}``: up to ``count`` training images, spread over the set, as
     absolute paths: what ``--fast-precision int8`` calibrates on when no ``--calibration``
     folder is given."""
-    n = len(dataset)
-    picks = (range(n) if n <= count
-             else sorted({round(i * (n - 1) / max(1, count - 1)) for i in range(count)}))
     files = []
-    for k in picks:
+    for k in spread(len(dataset), count):
         with contextlib.suppress(DatasetError):
             files.append(str(dataset.image_path(k).resolve()))
     path.write_text(json.dumps({"images": files}, indent=1))

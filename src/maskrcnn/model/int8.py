@@ -3,7 +3,7 @@ PT2E flow, lowered to oneDNN's int8 convolutions by ``torch.compile`` (inductor)
 
 Flow (``quantize_backbone``)::
 
-    the folded fp32 backbone (fast path: norms inside the convolutions)
+    a float copy of the backbone, its norms folded into the convolutions (as the fast path)
     -> plain Conv2d modules, out-of-place ReLUs (what the quantizer's patterns match)
     -> torch.export (batch, height and width dynamic) -> one source per ReLU call
     -> prepare_pt2e(X86InductorQuantizer: int8 activations per tensor, weights per channel)
@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from maskrcnn.model.fast import fold_batchnorm
 
 
 class Int8Error(RuntimeError):
@@ -149,8 +151,8 @@ class Int8Backbone(nn.Module):
 
 @torch.no_grad()
 def quantize_backbone(backbone: nn.Module, calibration: Iterable[Tensor]) -> Int8Backbone:
-    """``backbone`` (its norms folded, float32, eval mode) quantized to int8 with activation
-    ranges observed on ``calibration``: padded, normalised batches (N, 3, H, W) as the model's
+    """A copy of ``backbone``, its norms folded, quantized to int8 with activation ranges
+    observed on ``calibration``: padded, normalised batches (N, 3, H, W) as the model's
     pre-processing makes them. ``backbone`` itself is not changed."""
     pt2e = require_torchao()
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
@@ -158,7 +160,9 @@ def quantize_backbone(backbone: nn.Module, calibration: Iterable[Tensor]) -> Int
     batches = [b.float().contiguous(memory_format=torch.channels_last) for b in calibration]
     if not batches:
         raise Int8Error("int8 calibration needs at least one image")
+    # One float copy: the graph is exported from it, and it runs the sizes the graph cannot.
     float_net = copy.deepcopy(backbone).float().eval()
+    fold_batchnorm(float_net)
     _plain_modules(float_net)
     # Export with a batch of two (a batch of one would fix the batch size at 1).
     example = torch.cat([batches[0][:1], batches[0][:1]])
@@ -174,8 +178,7 @@ def quantize_backbone(backbone: nn.Module, calibration: Iterable[Tensor]) -> Int
         for batch in batches:
             prepared(batch)
         converted = pt2e.convert_pt2e(prepared)
-    net = Int8Backbone(converted, copy.deepcopy(backbone).float().eval(),
-                       int(getattr(backbone, "out_channels", 256)))
+    net = Int8Backbone(converted, float_net, int(getattr(backbone, "out_channels", 256)))
     # The first size compiles now (the calibration images' first size, usually the data's):
     # a failure to compile shows here rather than on the first image to predict.
     with warnings.catch_warnings(record=True) as caught:

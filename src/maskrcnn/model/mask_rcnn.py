@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -155,14 +154,9 @@ class MaskRCNN(nn.Module):
                                  "optimize_for_inference('int8', calibration=[...])")
             from maskrcnn.model.int8 import quantize_backbone
 
-            was_training = self.training
-            self.eval()
             batches = [self.preprocess([check_images([im])[0].to(device)], None,
                                        training=False)[0].tensor for im in calibration]
-            folded = copy.deepcopy(self.backbone)
-            fold_batchnorm(folded)
-            self.train(was_training)
-            int8_backbone = quantize_backbone(folded, batches)
+            int8_backbone = quantize_backbone(self.backbone, batches)
         self.optimized = True
         self.eval()
         fold_batchnorm(self)  # the backbone's norms, and in v2 those of the FPN and heads
