@@ -408,16 +408,15 @@ def merge(c: Candidates, match_iou: float) -> tuple[Detections, LocalMasks]:
     if not boxes:
         return c.dets, c.masks
     masks = LocalMasks(crops, torch.stack(origins), c.masks.image_size)
-    keep = torch.tensor(without_pieces_inside(masks, torch.stack(boxes), torch.stack(scores),
-                                             torch.stack(labels), pieces), dtype=torch.int64)
+    merged = Detections(torch.stack(boxes), torch.stack(scores), torch.stack(labels))
+    keep = torch.tensor(without_pieces_inside(masks, merged.boxes, merged.scores,
+                                             merged.labels, pieces), dtype=torch.int64)
     if keep.numel() == 0:
         return c.dets.select(keep), c.masks.select(keep)
-    order = keep[torch.stack(scores)[keep].argsort(descending=True, stable=True)]
-    order = order[mask_nms(masks.select(order), torch.stack(boxes)[order],
-                           torch.stack(labels)[order], match_iou)]
-    dets = Detections(torch.stack(boxes)[order], torch.stack(scores)[order],
-                      torch.stack(labels)[order])
-    return dets, masks.select(order)
+    order = keep[merged.scores[keep].argsort(descending=True, stable=True)]
+    order = order[mask_nms(masks.select(order), merged.boxes[order], merged.labels[order],
+                           match_iou)]
+    return merged.select(order), masks.select(order)
 
 
 def mask_nms(masks: LocalMasks, boxes: Tensor, labels: Tensor, iou_thresh: float) -> Tensor:
