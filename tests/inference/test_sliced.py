@@ -138,6 +138,24 @@ def test_a_model_s_partial_detections_at_a_tile_edge_leave_one_whole_object() ->
     assert out.origins.tolist() == [[100, 20]] and int(out.crops[0].sum()) == 50 * 40
 
 
+def test_a_lone_piece_goes_when_another_tile_saw_its_pixels_away_from_its_edges() -> None:
+    """A piece no other tile matched: where the next tile holds its whole box away from
+    its own edges, that tile saw the object whole and found no such thing, so the piece
+    goes; where no tile holds it (it reaches past the tiles' overlap), it stays."""
+    windows = [(0, 0, 128, 100), (72, 0, 200, 100)]  # common area x in [72, 128)
+
+    def merged(box: list[int]) -> list[list[float]]:
+        crop, origin = _box_mask(box)
+        c = Candidates(Detections(torch.tensor([box], dtype=torch.float32),
+                                  torch.tensor([0.9]), torch.tensor([1])),
+                       LocalMasks([crop], origin[None], (100, 200)), torch.tensor([0]),
+                       torch.tensor([True]), windows, None)
+        return merge(c, 0.5)[0].boxes.tolist()
+
+    assert merged([110, 20, 128, 50]) == []  # the second tile holds x 110-128 inside
+    assert merged([60, 20, 128, 50]) == [[60.0, 20.0, 128.0, 50.0]]  # it starts at x 72
+    assert merged([73, 20, 128, 50]) == [[73.0, 20.0, 128.0, 50.0]]  # on its edge: cut there
+
 def test_a_piece_goes_when_inside_a_larger_detection_seen_whole_or_scoring_higher() -> None:
     big, small = _box_mask([0, 0, 40, 40]), _box_mask([10, 10, 20, 20])
     masks = LocalMasks([big[0], small[0]], torch.stack([big[1], small[1]]), (50, 50))

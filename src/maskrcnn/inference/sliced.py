@@ -14,9 +14,10 @@ Flow, per image::
     per group: a member seen whole (not cut) gives the mask, box and score, the best-scored
         one, tiles before the whole pass; if every member is cut, the masks are united and
         the best score taken
-    pieces (all members cut) go when (next to) empty or mostly inside a larger detection
-        of any class, seen whole or scoring at least as high; then a mask NMS per class;
-        best first
+    pieces (all members cut) go when one tile's alone while another tile held its box away
+        from its edges (and so saw the object whole, and found none), when (next to) empty,
+        or when mostly inside a larger detection of any class, seen whole or scoring at
+        least as high; then a mask NMS per class; best first
         (the Predictor keeps at most max_detections)
 
 The IoU inside the common area is the test of "the same object": two tiles saw the same
@@ -172,18 +173,20 @@ class Candidates:
     cut: Tensor
     windows: list[Window]
     full_source: int | None  # the whole-image pass's window index, if it ran
+    edge_margin: float = 2.0  # the ``cut`` test's margin (TileConfig.edge_margin)
 
 
-def cut_by_window(boxes: Tensor, window: Window, image_size: tuple[int, int],
+def cut_by_window(boxes: Tensor, window: Window | Tensor, image_size: tuple[int, int],
                   margin: float) -> Tensor:
-    """(N,) bool: the box touches an edge of ``window`` that is not an edge of the image."""
-    x0, y0, x1, y1 = window
+    """Whether xyxy ``boxes`` touch (within ``margin`` pixels) an edge of ``window`` that is
+    not an edge of the image; ``boxes`` (..., 4) and a tensor of windows (..., 4) broadcast."""
+    x0, y0, x1, y1 = boxes.new_tensor(window).unbind(-1)
     h, w = image_size
     return (
-        ((x0 > 0) & (boxes[:, 0] <= x0 + margin))
-        | ((y0 > 0) & (boxes[:, 1] <= y0 + margin))
-        | ((x1 < w) & (boxes[:, 2] >= x1 - margin))
-        | ((y1 < h) & (boxes[:, 3] >= y1 - margin))
+        ((x0 > 0) & (boxes[..., 0] <= x0 + margin))
+        | ((y0 > 0) & (boxes[..., 1] <= y0 + margin))
+        | ((x1 < w) & (boxes[..., 2] >= x1 - margin))
+        | ((y1 < h) & (boxes[..., 3] >= y1 - margin))
     )
 
 
@@ -248,7 +251,7 @@ def collect(
         empty = torch.zeros(0)
         return Candidates(Detections(torch.zeros(0, 4), empty, empty.long()),
                           LocalMasks.empty((h, w)), empty.long(), empty.bool(), windows,
-                          full_source)
+                          full_source, cfg.edge_margin)
     dets = Detections(
         torch.cat([p[0].boxes.float().cpu() for p in parts]),
         torch.cat([p[0].scores.float().cpu() for p in parts]),
@@ -258,7 +261,7 @@ def collect(
     cut = torch.cat([cut_by_window(p[0].boxes.float().cpu(), windows[p[2]], (h, w),
                                    cfg.edge_margin) for p in parts])
     masks = LocalMasks.cat([p[1] for p in parts], (h, w))
-    return Candidates(dets, masks, source, cut, windows, full_source)
+    return Candidates(dets, masks, source, cut, windows, full_source, cfg.edge_margin)
 
 
 def _clip(crop: Tensor, origin: tuple[int, int], region: Window) -> tuple[Tensor, int, int]:
@@ -383,10 +386,13 @@ def unite(masks: LocalMasks, index: Sequence[int]) -> tuple[Tensor, tuple[int, i
 def merge(c: Candidates, match_iou: float) -> tuple[Detections, LocalMasks]:
     """One detection per group (see the module's flow), best score first."""
     boxes, scores, labels, crops, origins, pieces = [], [], [], [], [], []
+    held_whole = seen_whole_by_another_tile(c)
     for group in group_candidates(c, match_iou):
         idx = torch.tensor(group)
         best = int(idx[c.dets.scores[idx].argmax()])
         whole = [i for i in group if not bool(c.cut[i])]
+        if not whole and len(group) == 1 and held_whole(group[0]):
+            continue  # a lone piece where another tile, seeing more around it, found no such object
         # Tiles see at a finer scale than the whole-image pass: theirs first.
         from_tiles = [i for i in group if int(c.source[i]) != c.full_source]
         if whole:
@@ -405,8 +411,9 @@ def merge(c: Candidates, match_iou: float) -> tuple[Detections, LocalMasks]:
             scores.append(c.dets.scores[idx].max())
         labels.append(c.dets.labels[best])
         pieces.append(not whole)
-    if not boxes:
-        return c.dets, c.masks
+    if not boxes:  # no candidates, or none left
+        none = torch.zeros(0, dtype=torch.int64)
+        return c.dets.select(none), c.masks.select(none)
     masks = LocalMasks(crops, torch.stack(origins), c.masks.image_size)
     merged = Detections(torch.stack(boxes), torch.stack(scores), torch.stack(labels))
     keep = torch.tensor(without_pieces_inside(masks, merged.boxes, merged.scores,
@@ -417,6 +424,25 @@ def merge(c: Candidates, match_iou: float) -> tuple[Detections, LocalMasks]:
     order = order[mask_nms(masks.select(order), merged.boxes[order], merged.labels[order],
                            match_iou)]
     return merged.select(order), masks.select(order)
+
+
+def seen_whole_by_another_tile(c: Candidates) -> Callable[[int], bool]:
+    """A test of detection ``i``: does a tile other than its own hold its box away from
+    that tile's inner edges (the whole-image pass does not count: it keeps large objects
+    only)? Such a tile saw the same pixels with more around them; if none of its detections
+    matched, it found no such object there."""
+    windows = torch.tensor(c.windows, dtype=c.dets.boxes.dtype).reshape(-1, 4)
+
+    def test(i: int) -> bool:
+        box = c.dets.boxes[i]
+        holds = ((windows[:, :2] <= box[:2]).all(1) & (box[2:] <= windows[:, 2:]).all(1)
+                 & ~cut_by_window(box, windows, c.masks.image_size, c.edge_margin))
+        holds[int(c.source[i])] = False
+        if c.full_source is not None:
+            holds[c.full_source] = False
+        return bool(holds.any())
+
+    return test
 
 
 def mask_nms(masks: LocalMasks, boxes: Tensor, labels: Tensor, iou_thresh: float) -> Tensor:
