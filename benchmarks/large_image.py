@@ -221,6 +221,9 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
                                   max_size=args.model_size)
         predictor.model.preprocess = Preprocessor(cfg)
         predictor.model.cfg = cfg
+    if args.proposals is not None:  # e.g. a tile holding several of the images trained on
+        predictor.model.rpn.pre_nms_top_n["test"] = args.proposals
+        predictor.model.rpn.post_nms_top_n["test"] = args.proposals
     tile = TileConfig(size=args.tile, overlap=args.overlap, batch_size=args.tile_batch)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
@@ -276,6 +279,9 @@ def main() -> None:
     parser.add_argument("--model-size", type=int, default=None,
                         help="the model's input size (default: as trained); e.g. the tile size "
                         "to run tiles at their own scale")
+    parser.add_argument("--proposals", type=int, default=None,
+                        help="the RPN's proposals per image (pre- and post-NMS; default: as "
+                        "trained)")
     parser.add_argument("--fast-precision", default=None,
                         help="run the fast inference path in this precision (auto, bf16, fp32)")
     parser.add_argument("--variants", default=",".join(VARIANTS))

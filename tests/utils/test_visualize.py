@@ -137,6 +137,16 @@ def test_caption_names_the_class_and_score() -> None:
     assert width[0] > width[1] > 0
 
 
+def test_captions_of_a_large_picture_stay_the_size_of_its_small_objects() -> None:
+    """A fortieth of the short side would be 75-px letters on 3,000 px; they stop at 40."""
+    image = np.full((3000, 3000, 3), 255, dtype=np.uint8)
+    box = torch.tensor([[1000.0, 1000.0, 1060.0, 1050.0]])
+    out = np.asarray(draw_instances(image, box, torch.tensor([1]), torch.tensor([0.9]), None,
+                                    ["bg", "a"]))
+    plate_rows = np.all(out[900:1000, 1000:1010] == 0, axis=2).any(axis=1)
+    assert 30 < plate_rows.sum() <= 40 + 4
+
+
 def test_side_by_side_layout() -> None:
     left = Image.new("RGB", (50, 40), (255, 0, 0))
     right = Image.new("RGB", (30, 60), (0, 0, 255))

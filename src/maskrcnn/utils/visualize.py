@@ -70,6 +70,9 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
+MAX_CAPTION_PX = 40
+
+
 def draw_instances(
     image: ImageInput,
     boxes: Tensor | None = None,
@@ -103,7 +106,9 @@ def draw_instances(
             _tint(canvas, crop.numpy(), x, y, factor, colors[k])
     out = Image.fromarray(canvas)
     draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default(size=max(10, min(out.size) // 40))
+    # A fortieth of the short side, within 10-40 px: on a 20,000-pixel aerial picture with
+    # thousands of small objects, 500-px captions would cover everything.
+    font = ImageFont.load_default(size=min(MAX_CAPTION_PX, max(10, min(out.size) // 40)))
     for k in range(n):
         assert boxes is not None
         x1, y1, x2, y2 = (float(v) for v in boxes[k])
