@@ -180,7 +180,7 @@ def cut_by_window(boxes: Tensor, window: Window | Tensor, image_size: tuple[int,
                   margin: float) -> Tensor:
     """Whether xyxy ``boxes`` touch (within ``margin`` pixels) an edge of ``window`` that is
     not an edge of the image; ``boxes`` (..., 4) and a tensor of windows (..., 4) broadcast."""
-    x0, y0, x1, y1 = boxes.new_tensor(window).unbind(-1)
+    x0, y0, x1, y1 = torch.as_tensor(window, dtype=boxes.dtype, device=boxes.device).unbind(-1)
     h, w = image_size
     return (
         ((x0 > 0) & (boxes[..., 0] <= x0 + margin))
