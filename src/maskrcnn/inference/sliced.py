@@ -15,9 +15,9 @@ Flow, per image::
         one, tiles before the whole pass; if every member is cut, the masks are united and
         the best score taken
     pieces (all members cut) go when one tile's alone while another tile held its box away
-        from its edges (and so saw the object whole, and found none), when (next to) empty,
-        or when mostly inside a larger detection of any class, seen whole or scoring at
-        least as high; then a mask NMS per class; best first
+        from its edges (and saw those pixels, with more around them, as no such object),
+        when (next to) empty, or when mostly inside a larger detection of any class, seen
+        whole or scoring at least as high; then a mask NMS per class; best first
         (the Predictor keeps at most max_detections)
 
 The IoU inside the common area is the test of "the same object": two tiles saw the same
