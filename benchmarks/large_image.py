@@ -23,9 +23,9 @@ Printed per variant: mask and box AP, AR and AR of small objects, ground-truth o
 matched by more than one prediction of their class (mask IoU >= 0.5, score >= 0.5),
 predictions that are a piece of an object (IoU < 0.5 with every object but 80 % inside
 one), objects split at a tile border (found twice or with a piece, where one of those
-predictions ends, within 2 px, on a tile edge that crosses the object), seconds and peak
-resident memory. For the cells the tile edges are those of the sliced variants: the count
-says how often the model's own pieces end there by chance.
+predictions was made from detections that their tiles cut: no tile saw that object whole;
+the others are the model's own duplicates and pieces, as on the cells), seconds and peak
+resident memory.
 
     python benchmarks/large_image.py --checkpoint runs/demo/best.pth \\
         --val-json runs/demo/data/val.json --side 6000 --tile 256
@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import platform
@@ -43,6 +44,7 @@ import resource
 import subprocess
 import sys
 import time
+import unittest.mock
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +56,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from maskrcnn.engine.coco_results import prediction_to_coco
+from maskrcnn.inference import sliced as sliced_module
 from maskrcnn.inference.predictor import Predictor
 from maskrcnn.inference.sliced import (
+    Candidates,
     TileConfig,
     collect,
     model_full_pass,
     model_tile_predictor,
-    tile_windows,
 )
 from maskrcnn.model.preprocess import Preprocessor
 from maskrcnn.structures.detections import Detections
@@ -112,25 +115,11 @@ def cell_of(bbox: list[float], side: int, stride: int) -> int:
     return row * columns + col + 1
 
 
-def ends_on_an_edge(box: list[float], obj: list[float], edges: list[int],
-                    margin: float = 2.0) -> bool:
-    """Whether xywh ``box`` ends (within ``margin``) on one of the tile ``edges`` (x or y;
-    the grid is square) that crosses xywh ``obj``."""
-    for lo, size, olo, osize in ((box[0], box[2], obj[0], obj[2]),
-                                 (box[1], box[3], obj[1], obj[3])):
-        for e in edges:
-            if (olo + margin < e < olo + osize - margin
-                    and (abs(lo - e) <= margin or abs(lo + size - e) <= margin)):
-                return True
-    return False
-
-
 def scores(
-    truth: dict[str, Any], results: list[dict[str, Any]], max_dets: int = MAX_DETS,
-    edges: list[int] | None = None,
+    truth: dict[str, Any], results: list[dict[str, Any]], max_dets: int = MAX_DETS
 ) -> dict[str, float]:
     """COCO AP / AR (``max_dets`` detections), and the duplicate, piece and split counts
-    (``edges``: the tile grid's inner edges)."""
+    (a result with ``"from_cut": True`` was made from detections their tiles cut)."""
     out: dict[str, float] = {}
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
@@ -159,7 +148,7 @@ def scores(
     for image in truth["images"]:
         problems = image_problems(
             [r for r in confident if r["image_id"] == image["id"]],
-            [a for a in truth["annotations"] if a["image_id"] == image["id"]], edges or [])
+            [a for a in truth["annotations"] if a["image_id"] == image["id"]])
         for key, value in problems.items():
             out[key] += value
     out["confident"] = len(confident)
@@ -167,9 +156,9 @@ def scores(
     return out
 
 
-def image_problems(results: list[dict[str, Any]], objects: list[dict[str, Any]],
-                   edges: list[int]) -> dict[str, int]:
-    """One image's objects found twice or more, pieces and objects split at a tile edge
+def image_problems(results: list[dict[str, Any]], objects: list[dict[str, Any]]
+                   ) -> dict[str, int]:
+    """One image's objects found twice or more, pieces and objects split at a tile border
     (see the module's docstring), from its confident ``results``."""
     if not results or not objects:
         return {"duplicated_objects": 0, "pieces": 0, "split_objects": 0}
@@ -186,15 +175,30 @@ def image_problems(results: list[dict[str, Any]], objects: list[dict[str, Any]],
     duplicated = hit.sum(0) > 1
     piece = (iou.max(1) < 0.5) & (inside >= 0.8 * area)
     # Per object, the predictions that make it a problem: its matches when it is found
-    # twice, and its pieces.
+    # twice, and its pieces; split when one of them was made from cut detections.
     split = set()
     for p, r in enumerate(results):
-        for g in ([int(iou[p].argmax())] if piece[p] else []) + [
-                int(g) for g in np.where(hit[p] & duplicated)[0]]:
-            if ends_on_an_edge(r["bbox"], objects[g]["bbox"], edges):
-                split.add(g)
+        if r.get("from_cut"):
+            split.update(([int(iou[p].argmax())] if piece[p] else [])
+                         + [int(g) for g in np.where(hit[p] & duplicated)[0]])
     return {"duplicated_objects": int(duplicated.sum()), "pieces": int(piece.sum()),
             "split_objects": len(split)}
+
+
+def mark_from_cut(results: list[dict[str, Any]], c: Candidates,
+                  label_to_cat: dict[int, int]) -> None:
+    """Sets ``from_cut`` on each result: True unless it is a detection some tile saw whole
+    (the merge gives such a group that detection's box and score; a group of cut pieces
+    gets their united box)."""
+    whole = {(label_to_cat[int(label)], round(float(box[0]), 2), round(float(box[1]), 2),
+              round(float(box[2]), 2), round(float(box[3]), 2), round(float(score), 5))
+             for box, score, label, cut in zip(c.dets.boxes, c.dets.scores, c.dets.labels,
+                                               c.cut, strict=True) if not cut}
+    for r in results:
+        x, y, w, h = r["bbox"]
+        key = (r["category_id"], round(x, 2), round(y, 2), round(x + w, 2), round(y + h, 2),
+               round(r["score"], 5))
+        r["from_cut"] = key not in whole
 
 
 def to_results(predictor: Predictor, dets: Detections, masks: LocalMasks,
@@ -205,6 +209,11 @@ def to_results(predictor: Predictor, dets: Detections, masks: LocalMasks,
     kept = {"boxes": dets.boxes[keep], "labels": dets.labels[keep],
             "scores": dets.scores[keep], "masks": masks.select(keep)}
     return prediction_to_coco(kept, 1, predictor.label_to_cat_id)
+
+
+def _recording(collect_fn: Any, into: list[Candidates], *args: Any, **kwargs: Any) -> Candidates:
+    into.append(collect_fn(*args, **kwargs))
+    return into[-1]
 
 
 def run_variant(args: argparse.Namespace) -> dict[str, Any]:
@@ -241,24 +250,28 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         with torch.inference_mode():
             c = collect(canvas, tiles, tile, None, cells)
         results = to_results(predictor, c.dets, c.masks, args.max_dets)
+        if args.variant == "tiles":  # the cells cut nothing: an object lies inside its cell
+            mark_from_cut(results, c, predictor.label_to_cat_id)
     else:
         sliced = args.variant.startswith("sliced")
         predictor.tile = (dataclasses.replace(tile, full_pass=args.variant == "sliced_full")
                           if sliced else None)
         image = canvas if sliced else canvas.float() / 255
-        pred = predictor(image)
+        candidates: list[Candidates] = []  # the tiles' detections, kept for mark_from_cut
+        keep_candidates = functools.partial(_recording, sliced_module.collect, candidates)
+        with unittest.mock.patch.object(sliced_module, "collect", keep_candidates):
+            pred = predictor(image)
         assert not isinstance(pred, list)
         results = pred.to_coco(1, predictor.label_to_cat_id)
-        del image, pred
+        mark_from_cut(results, candidates[0], predictor.label_to_cat_id)
+        del image, pred, candidates
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for r in results:
         r["image_id"] = cell_of(r["bbox"], args.side, args.stride)
-    grid = tile_windows(args.side, args.side, args.tile, args.overlap)
-    edges = sorted(({w[0] for w in grid} | {w[2] for w in grid}) - {0, args.side})
     return {"variant": args.variant, "seconds": seconds, "detections": len(results),
             "peak_mib": peak / 1024, "before_mib": before / 1024,
-            **scores(truth, results, args.max_dets, edges)}
+            **scores(truth, results, args.max_dets)}
 
 
 def main() -> None:

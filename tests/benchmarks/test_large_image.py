@@ -9,6 +9,9 @@ import torch
 from pycocotools import mask as mask_utils
 
 from bench_scripts import load_benchmark
+from maskrcnn.inference.sliced import Candidates
+from maskrcnn.structures.detections import Detections
+from maskrcnn.structures.local_masks import LocalMasks
 
 
 def _load() -> Any:
@@ -29,22 +32,40 @@ def _pred(box: tuple[int, int, int, int], score: float = 0.9) -> dict[str, Any]:
             "bbox": [x0, y0, x1 - x0, y1 - y0]}
 
 
-def test_a_piece_ending_on_a_tile_edge_across_the_object_is_a_split() -> None:
+def test_an_object_with_a_piece_made_from_cut_detections_is_a_split() -> None:
     bench = _load()
     obj = {"id": 1, "image_id": 1, "category_id": 1, "segmentation": _rle(100, 20, 150, 60),
            "area": 2000.0, "bbox": [100, 20, 50, 40], "iscrowd": 0}
     truth = {"images": [{"id": 1, "width": 200, "height": 200}],
              "categories": [{"id": 1, "name": "a"}], "annotations": [obj]}
     whole = _pred((100, 20, 150, 60))
-    cut = _pred((100, 20, 128, 60), 0.8)  # the left part, ending on the edge x = 128
-    inner = _pred((110, 30, 125, 50), 0.7)  # a piece ending nowhere near an edge
-    got = bench.scores(truth, [whole, cut], edges=[64, 128])
+    cut = {**_pred((100, 20, 128, 60), 0.8), "from_cut": True}  # the left part, cut at x 128
+    inner = _pred((110, 30, 125, 50), 0.7)  # a piece some tile saw whole: the model's own
+    got = bench.scores(truth, [whole, cut])
     assert (got["duplicated_objects"], got["pieces"], got["split_objects"]) == (1, 0, 1)
-    got = bench.scores(truth, [whole, inner], edges=[64, 128])
+    got = bench.scores(truth, [whole, inner])
     assert (got["duplicated_objects"], got["pieces"], got["split_objects"]) == (0, 1, 0)
-    # The same piece, but the edge x = 128 is not a tile edge: no split.
-    assert bench.scores(truth, [whole, cut], edges=[64, 160])["split_objects"] == 0
-    assert bench.scores(truth, [whole], edges=[128])["split_objects"] == 0
+    got = bench.scores(truth, [whole, {**inner, "from_cut": True}])
+    assert (got["duplicated_objects"], got["pieces"], got["split_objects"]) == (0, 1, 1)
+    assert bench.scores(truth, [{**whole, "from_cut": True}])["split_objects"] == 0
+
+
+def test_a_result_is_from_cut_detections_unless_a_tile_saw_it_whole() -> None:
+    bench = _load()
+    boxes = torch.tensor([[100.0, 20.0, 150.5, 60.0], [100.0, 20.0, 128.0, 60.0]])
+    crops = [torch.ones((40, 51), dtype=torch.bool), torch.ones((40, 28), dtype=torch.bool)]
+    c = Candidates(Detections(boxes, torch.tensor([0.9, 0.8]), torch.tensor([1, 1])),
+                   LocalMasks(crops, torch.tensor([[100, 20], [100, 20]]), (200, 200)),
+                   torch.tensor([0, 1]), torch.tensor([False, True]),
+                   [(0, 0, 200, 200), (0, 0, 128, 200)], None)
+    results = [
+        _pred((100, 20, 150, 60)) | {"bbox": [100.0, 20.0, 50.5, 40.0]},  # the whole one
+        _pred((100, 20, 128, 60), 0.8),  # the cut one
+        _pred((100, 20, 150, 60), 0.8) | {"bbox": [100.0, 20.0, 50.5, 40.0]},  # a union
+        _pred((100, 20, 150, 60)) | {"bbox": [100.0, 20.0, 50.5, 40.0], "category_id": 7},
+    ]
+    bench.mark_from_cut(results, c, {1: 1, 2: 7})
+    assert [r["from_cut"] for r in results] == [False, True, True, True]
 
 
 def test_each_mosaic_cell_is_an_image_and_a_prediction_belongs_to_its_centre_s_cell() -> None:
@@ -60,11 +81,11 @@ def test_each_mosaic_cell_is_an_image_and_a_prediction_belongs_to_its_centre_s_c
            "area": 2000.0, "bbox": [100, 20, 50, 40], "iscrowd": 0}
     truth = {"images": [{"id": i, "width": 200, "height": 200} for i in (1, 2)],
              "categories": [{"id": 1, "name": "a"}], "annotations": [obj]}
-    preds = [_pred((100, 20, 150, 60)), _pred((100, 20, 128, 60), 0.8)]
-    assert bench.scores(truth, preds, edges=[128])["duplicated_objects"] == 0
+    preds = [_pred((100, 20, 150, 60)), {**_pred((100, 20, 128, 60), 0.8), "from_cut": True}]
+    assert bench.scores(truth, preds)["duplicated_objects"] == 0
     for p in preds:
         p["image_id"] = 2
-    got = bench.scores(truth, preds, edges=[128])
+    got = bench.scores(truth, preds)
     assert (got["duplicated_objects"], got["split_objects"], got["objects"]) == (1, 1, 1)
 
 
