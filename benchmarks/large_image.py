@@ -45,6 +45,7 @@ import subprocess
 import sys
 import time
 import unittest.mock
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -186,17 +187,19 @@ def image_problems(results: list[dict[str, Any]], objects: list[dict[str, Any]]
 
 
 def mark_from_cut(results: list[dict[str, Any]], c: Candidates,
-                  label_to_cat: dict[int, int]) -> None:
+                  label_to_cat: Mapping[int, int] | None) -> None:
     """Sets ``from_cut`` on each result: True unless it is a detection some tile saw whole
     (the merge gives such a group that detection's box and score; a group of cut pieces
     gets their united box)."""
-    whole = {(label_to_cat[int(label)], round(float(box[0]), 2), round(float(box[1]), 2),
-              round(float(box[2]), 2), round(float(box[3]), 2), round(float(score), 5))
+    # Keyed by class, top-left corner and score (a width from x1 - x0 in float32 may round
+    # the other way).
+    cats = label_to_cat or {}
+    whole = {(cats.get(int(label), int(label)), round(float(box[0]), 2),
+              round(float(box[1]), 2), round(float(score), 5))
              for box, score, label, cut in zip(c.dets.boxes, c.dets.scores, c.dets.labels,
                                                c.cut, strict=True) if not cut}
     for r in results:
-        x, y, w, h = r["bbox"]
-        key = (r["category_id"], round(x, 2), round(y, 2), round(x + w, 2), round(y + h, 2),
+        key = (r["category_id"], round(r["bbox"][0], 2), round(r["bbox"][1], 2),
                round(r["score"], 5))
         r["from_cut"] = key not in whole
 
