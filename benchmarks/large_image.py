@@ -23,9 +23,9 @@ Printed per variant: mask and box AP, AR and AR of small objects, ground-truth o
 matched by more than one prediction of their class (mask IoU >= 0.5, score >= 0.5),
 predictions that are a piece of an object (IoU < 0.5 with every object but 80 % inside
 one), objects split at a tile border (found twice or with a piece, where one of those
-predictions was made from detections that their tiles cut: no tile saw that object whole;
-the others are the model's own duplicates and pieces, as on the cells), seconds and peak
-resident memory.
+predictions was made from detections whose boxes touched their tile's inner edge; the
+others come from detections inside their tiles, like the model's own duplicates and pieces
+on the cells), seconds and peak resident memory.
 
     python benchmarks/large_image.py --checkpoint runs/demo/best.pth \\
         --val-json runs/demo/data/val.json --side 6000 --tile 256
@@ -45,7 +45,7 @@ import subprocess
 import sys
 import time
 import unittest.mock
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -188,20 +188,19 @@ def image_problems(results: list[dict[str, Any]], objects: list[dict[str, Any]]
 
 def mark_from_cut(results: list[dict[str, Any]], c: Candidates,
                   label_to_cat: Mapping[int, int] | None) -> None:
-    """Sets ``from_cut`` on each result: True unless it is a detection some tile saw whole
-    (the merge gives such a group that detection's box and score; a group of cut pieces
-    gets their united box)."""
-    # Keyed by class, top-left corner and score (a width from x1 - x0 in float32 may round
-    # the other way).
-    cats = label_to_cat or {}
-    whole = {(cats.get(int(label), int(label)), round(float(box[0]), 2),
-              round(float(box[1]), 2), round(float(score), 5))
+    """Sets ``from_cut`` on each result: True unless it is a detection whose box was away
+    from its tile's inner edges (the merge gives a group with such a member that member's
+    box and score; a group of cut pieces gets their united box). Matched by class, top-left
+    corner and score, which the predictor passes on unchanged."""
+    def cat(label: int) -> int:
+        return label if label_to_cat is None else label_to_cat[label]
+
+    uncut = {(cat(int(label)), float(box[0]), float(box[1]), float(score))
              for box, score, label, cut in zip(c.dets.boxes, c.dets.scores, c.dets.labels,
                                                c.cut, strict=True) if not cut}
     for r in results:
-        key = (r["category_id"], round(r["bbox"][0], 2), round(r["bbox"][1], 2),
-               round(r["score"], 5))
-        r["from_cut"] = key not in whole
+        key = (r["category_id"], r["bbox"][0], r["bbox"][1], r["score"])
+        r["from_cut"] = key not in uncut
 
 
 def to_results(predictor: Predictor, dets: Detections, masks: LocalMasks,
@@ -214,7 +213,8 @@ def to_results(predictor: Predictor, dets: Detections, masks: LocalMasks,
     return prediction_to_coco(kept, 1, predictor.label_to_cat_id)
 
 
-def _recording(collect_fn: Any, into: list[Candidates], *args: Any, **kwargs: Any) -> Candidates:
+def _recording(collect_fn: Callable[..., Candidates], into: list[Candidates], *args: Any,
+               **kwargs: Any) -> Candidates:
     into.append(collect_fn(*args, **kwargs))
     return into[-1]
 
@@ -253,7 +253,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         with torch.inference_mode():
             c = collect(canvas, tiles, tile, None, cells)
         results = to_results(predictor, c.dets, c.masks, args.max_dets)
-        if args.variant == "tiles":  # the cells cut nothing: an object lies inside its cell
+        # (No result of the cells is from a cut: each object lies inside its cell.)
+        if args.variant == "tiles":
             mark_from_cut(results, c, predictor.label_to_cat_id)
     else:
         sliced = args.variant.startswith("sliced")
@@ -264,7 +265,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         keep_candidates = functools.partial(_recording, sliced_module.collect, candidates)
         with unittest.mock.patch.object(sliced_module, "collect", keep_candidates):
             pred = predictor(image)
-        assert not isinstance(pred, list)
+        assert not isinstance(pred, list) and len(candidates) == 1
         results = pred.to_coco(1, predictor.label_to_cat_id)
         mark_from_cut(results, candidates[0], predictor.label_to_cat_id)
         del image, pred, candidates

@@ -54,15 +54,19 @@ def test_a_result_is_from_cut_detections_unless_a_tile_saw_it_whole() -> None:
     bench = _load()
     boxes = torch.tensor([[100.0, 20.0, 150.5, 60.0], [100.0, 20.0, 128.0, 60.0]])
     crops = [torch.ones((40, 51), dtype=torch.bool), torch.ones((40, 28), dtype=torch.bool)]
-    c = Candidates(Detections(boxes, torch.tensor([0.9, 0.8]), torch.tensor([1, 1])),
+    c = Candidates(Detections(boxes, torch.tensor([0.9, 0.8]), torch.tensor([2, 2])),
                    LocalMasks(crops, torch.tensor([[100, 20], [100, 20]]), (200, 200)),
                    torch.tensor([0, 1]), torch.tensor([False, True]),
                    [(0, 0, 200, 200), (0, 0, 128, 200)], None)
+    # Scores as the predictor passes them on: float32 values as Python floats.
+    whole_score, cut_score = (float(torch.tensor(v)) for v in (0.9, 0.8))
     results = [
-        _pred((100, 20, 150, 60)) | {"bbox": [100.0, 20.0, 50.5, 40.0]},  # the whole one
-        _pred((100, 20, 128, 60), 0.8),  # the cut one
-        _pred((100, 20, 150, 60), 0.8) | {"bbox": [100.0, 20.0, 50.5, 40.0]},  # a union
-        _pred((100, 20, 150, 60)) | {"bbox": [100.0, 20.0, 50.5, 40.0], "category_id": 7},
+        _pred((100, 20, 150, 60), whole_score) | {"bbox": [100.0, 20.0, 50.5, 40.0],
+                                                   "category_id": 7},  # the whole one
+        _pred((100, 20, 128, 60), cut_score) | {"category_id": 7},  # the cut one
+        _pred((100, 20, 150, 60), cut_score) | {"bbox": [100.0, 20.0, 50.5, 40.0],
+                                                 "category_id": 7},  # a union
+        _pred((100, 20, 150, 60), whole_score) | {"bbox": [100.0, 20.0, 50.5, 40.0]},
     ]
     bench.mark_from_cut(results, c, {1: 1, 2: 7})
     assert [r["from_cut"] for r in results] == [False, True, True, True]

@@ -144,17 +144,26 @@ def test_a_lone_piece_goes_when_another_tile_saw_its_pixels_away_from_its_edges(
     goes; where no tile holds it (it reaches past the tiles' overlap), it stays."""
     windows = [(0, 0, 128, 100), (72, 0, 200, 100)]  # common area x in [72, 128)
 
-    def merged(box: list[int]) -> list[list[float]]:
+    def merged(box: list[int], cut: bool = True, full_pass: bool = False
+               ) -> list[list[float]]:
         crop, origin = _box_mask(box)
         c = Candidates(Detections(torch.tensor([box], dtype=torch.float32),
                                   torch.tensor([0.9]), torch.tensor([1])),
                        LocalMasks([crop], origin[None], (100, 200)), torch.tensor([0]),
-                       torch.tensor([True]), windows, None)
+                       torch.tensor([cut]), windows, None)
+        if full_pass:  # the first tile and the whole-image pass only
+            c.windows = [windows[0], (0, 0, 200, 100)]
+            c.full_source = 1
         return merge(c, 0.5)[0].boxes.tolist()
 
     assert merged([110, 20, 128, 50]) == []  # the second tile holds x 110-128 inside
     assert merged([60, 20, 128, 50]) == [[60.0, 20.0, 128.0, 50.0]]  # it starts at x 72
     assert merged([73, 20, 128, 50]) == [[73.0, 20.0, 128.0, 50.0]]  # on its edge: cut there
+    # A detection its own tile saw whole stays, whatever the other tile missed.
+    assert merged([100, 20, 120, 50], cut=False) == [[100.0, 20.0, 120.0, 50.0]]
+    # The whole-image pass holds every box, but it keeps large objects only: no veto.
+    assert merged([110, 20, 128, 50], full_pass=True) == [[110.0, 20.0, 128.0, 50.0]]
+
 
 def test_a_piece_goes_when_inside_a_larger_detection_seen_whole_or_scoring_higher() -> None:
     big, small = _box_mask([0, 0, 40, 40]), _box_mask([10, 10, 20, 20])

@@ -14,10 +14,11 @@ Flow, per image::
     per group: a member seen whole (not cut) gives the mask, box and score, the best-scored
         one, tiles before the whole pass; if every member is cut, the masks are united and
         the best score taken
-    pieces (all members cut) go when one tile's alone while another tile held its box away
-        from its edges (and saw those pixels, with more around them, as no such object),
-        when (next to) empty, or when mostly inside a larger detection of any class, seen
-        whole or scoring at least as high; then a mask NMS per class; best first
+    pieces (all members cut) go: a piece no other tile matched when another tile holds its
+        box away from that tile's inner edges (that tile saw those pixels, with more around
+        them, as no such object); a piece (next to) empty; a piece mostly inside a larger
+        detection of any class, seen whole or scoring at least as high; then a mask NMS per
+        class; best first
         (the Predictor keeps at most max_detections)
 
 The IoU inside the common area is the test of "the same object": two tiles saw the same
@@ -433,16 +434,16 @@ def seen_whole_by_another_tile(c: Candidates) -> Callable[[int], bool]:
     matched, it found no such object there."""
     windows = torch.tensor(c.windows, dtype=c.dets.boxes.dtype).reshape(-1, 4)
 
-    def test(i: int) -> bool:
+    def held(i: int) -> bool:
         box = c.dets.boxes[i]
         holds = ((windows[:, :2] <= box[:2]).all(1) & (box[2:] <= windows[:, 2:]).all(1)
                  & ~cut_by_window(box, windows, c.masks.image_size, c.edge_margin))
-        holds[int(c.source[i])] = False
+        holds[int(c.source[i])] = False  # (a piece is cut in its own tile anyway)
         if c.full_source is not None:
             holds[c.full_source] = False
         return bool(holds.any())
 
-    return test
+    return held
 
 
 def mask_nms(masks: LocalMasks, boxes: Tensor, labels: Tensor, iou_thresh: float) -> Tensor:
