@@ -419,8 +419,6 @@ def merge(c: Candidates, match_iou: float) -> tuple[Detections, LocalMasks]:
     merged = Detections(torch.stack(boxes), torch.stack(scores), torch.stack(labels))
     keep = torch.tensor(without_pieces_inside(masks, merged.boxes, merged.scores,
                                              merged.labels, pieces), dtype=torch.int64)
-    if keep.numel() == 0:
-        return c.dets.select(keep), c.masks.select(keep)
     order = keep[merged.scores[keep].argsort(descending=True, stable=True)]
     order = order[mask_nms(masks.select(order), merged.boxes[order], merged.labels[order],
                            match_iou)]
